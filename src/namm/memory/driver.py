@@ -1,0 +1,182 @@
+"""The driver: chunked prefill, memory updates on schedule, and the decode loop.
+
+Every row of a batch keeps its own count of tokens seen. A step feeds each row the tokens up to
+its next boundary (a multiple of the chunk size or of the policy's ``n_up``); rows with fewer
+tokens are left-padded inside the step, and the padding is masked out and later dropped. A row
+is updated when its count of tokens seen reaches a multiple of ``n_up``, in prefill and in
+decoding alike, so a batch gives each row exactly what it would get alone.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from namm.memory.attention import ATTENTION_NAME
+from namm.memory.cache import MemoryCache, is_packed
+from namm.policies.base import LayerView, MemoryPolicy
+
+
+@contextmanager
+def memory_attention_enabled(model: PreTrainedModel) -> Iterator[None]:
+    """Switch the model to the memory attention function for the duration of a block."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@dataclass
+class UpdateRecord:
+    """Cache size of every layer right after one memory update of one row."""
+
+    row: int
+    tokens_seen: int
+    tokens_per_layer: list[int]
+
+
+@dataclass
+class MemoryRunner:
+    """Runs a model over a growing sequence per row with a policy managing the KV cache."""
+
+    model: PreTrainedModel
+    policy: MemoryPolicy
+    batch_size: int
+    chunk_size: int = 128
+    record_history: bool = False
+    cache: MemoryCache = field(init=False)
+    seen: Tensor = field(init=False)  # (B,) tokens fed per row
+    previous_update: Tensor = field(init=False)  # (B,) tokens seen at each row's last update
+    kv_bytes_peak: Tensor = field(init=False)
+    history: list[UpdateRecord] = field(init=False, default_factory=list)
+    policy_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        device = self.model.device
+        self.cache = MemoryCache(self.model.config.num_hidden_layers, self.batch_size, device)
+        self.cache.query_window = self.policy.query_window if self.policy.evicts else 0
+        self.seen = torch.zeros(self.batch_size, dtype=torch.long)
+        self.previous_update = torch.zeros(self.batch_size, dtype=torch.long)
+        self.kv_bytes_peak = torch.zeros(self.batch_size, dtype=torch.long)
+        self.policy.reset(self.batch_size)
+
+    def _next_boundary(self, seen: int) -> int:
+        nxt = (seen // self.chunk_size + 1) * self.chunk_size
+        if self.policy.evicts:
+            nxt = min(nxt, (seen // self.policy.n_up + 1) * self.policy.n_up)
+        return nxt
+
+    def feed(self, rows_tokens: list[Tensor], progress=None) -> Tensor:
+        """Feed each row its tokens (1-D tensors, possibly empty); returns (B, vocab) logits of each
+        row's last fed token (rows fed nothing get zeros)."""
+        if len(rows_tokens) != self.batch_size:
+            raise ValueError(f"expected {self.batch_size} rows, got {len(rows_tokens)}")
+        done = [0] * self.batch_size
+        last_logits: Tensor | None = None
+        while True:
+            takes = []
+            for b, tokens in enumerate(rows_tokens):
+                left = len(tokens) - done[b]
+                seen = int(self.seen[b])
+                takes.append(min(left, self._next_boundary(seen) - seen) if left > 0 else 0)
+            width = max(takes)
+            if width == 0:
+                break
+            logits = self._step([rows_tokens[b][done[b]:done[b] + takes[b]] for b in range(self.batch_size)], width)
+            if last_logits is None:
+                last_logits = torch.zeros_like(logits)
+            fed = torch.tensor([t > 0 for t in takes])
+            last_logits[fed] = logits[fed]
+            for b, t in enumerate(takes):
+                done[b] += t
+            due = fed & (self.seen % self.policy.n_up == 0) if self.policy.evicts else fed & False
+            if bool(due.any()):
+                self.update(due.nonzero().flatten())
+            if progress is not None:
+                progress.update(sum(takes))
+        return last_logits
+
+    def _step(self, pieces: list[Tensor], width: int) -> Tensor:
+        device = self.model.device
+        ids = torch.zeros(self.batch_size, width, dtype=torch.long)
+        positions = torch.full((self.batch_size, width), -1, dtype=torch.long)
+        for b, piece in enumerate(pieces):
+            n = len(piece)
+            if n:
+                ids[b, width - n:] = piece
+                positions[b, width - n:] = torch.arange(int(self.seen[b]), int(self.seen[b]) + n)
+        self.cache.step_positions = positions.to(device)
+        out = self.model(
+            input_ids=ids.to(device), position_ids=positions.clamp(min=0).to(device), past_key_values=self.cache,
+            use_cache=True, logits_to_keep=1, namm_memory=self.cache,
+        )
+        self.seen += torch.tensor([len(p) for p in pieces])
+        if bool((positions < 0).any()):
+            self.cache.drop_padding()
+        return out.logits[:, -1].float()
+
+    def update(self, rows: Tensor) -> None:
+        """Run the policy on every layer for ``rows`` and shrink their caches."""
+        start = time.perf_counter()
+        self.kv_bytes_peak = torch.maximum(self.kv_bytes_peak, self.cache.nbytes().cpu())
+        all_rows = len(rows) == self.batch_size
+        device = self.model.device
+        rows_dev = rows.to(device)
+        for layer_idx, layer in enumerate(self.cache.layers):
+            if layer.positions is None:
+                continue
+            if not is_packed(layer.positions >= 0):
+                layer.compact(layer.positions >= 0)
+            state = layer.aligned_state()
+            pick = (lambda t: t) if all_rows else (lambda t: t.index_select(0, rows_dev))
+            view = LayerView(
+                layer_idx=layer_idx, num_layers=len(self.cache.layers),
+                keys=pick(layer.keys), values=pick(layer.values), positions=pick(layer.positions),
+                queries=None if layer.queries is None else pick(layer.queries),
+                query_positions=None if layer.query_positions is None else pick(layer.query_positions),
+                tokens_seen=self.seen[rows].to(device), previous_tokens_seen=self.previous_update[rows].to(device),
+                scaling=layer.scaling, sliding_window=layer.sliding_window,
+                state={k: pick(v) for k, v in state.items()}, rows=rows_dev,
+            )
+            keep = self.policy.select(view)
+            if all_rows:
+                full_keep, state = keep, view.state
+            else:
+                full_keep = layer.positions >= 0
+                full_keep[rows_dev] = keep
+                for name, value in view.state.items():
+                    if name not in state:
+                        state[name] = value.new_zeros(self.batch_size, *value.shape[1:])
+                    state[name][rows_dev] = value
+            layer.compact(full_keep, state)
+            layer.clear_queries(rows_dev)
+        self.previous_update[rows] = self.seen[rows]
+        if self.record_history:
+            counts = self.cache.token_counts().cpu()
+            for r in rows.tolist():
+                self.history.append(UpdateRecord(r, int(self.seen[r]), counts[:, r].tolist()))
+        self.policy_seconds += time.perf_counter() - start
+
+    def kv_bytes(self) -> Tensor:
+        """(B,) bytes of keys and values held now."""
+        return self.cache.nbytes().cpu()
+
+    def kv_bytes_full(self) -> Tensor:
+        """(B,) bytes a full cache would hold for the tokens seen so far."""
+        config = self.model.config
+        layer = next((l for l in self.cache.layers if l.keys is not None), None)
+        if layer is None:
+            return torch.zeros(self.batch_size, dtype=torch.long)
+        per_token = (layer.keys.shape[1] * (layer.keys.shape[-1] + layer.values.shape[-1])
+                     * layer.keys.element_size() * config.num_hidden_layers)
+        return self.seen * per_token

@@ -1,0 +1,193 @@
+"""``namm.generate``: prompt in, text out, with a memory policy managing the KV cache."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import (
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from namm.memory.driver import MemoryRunner, UpdateRecord, memory_attention_enabled
+from namm.policies.base import MemoryPolicy, make_policy
+
+
+@dataclass
+class GenerationOutput:
+    """The result of one prompt."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    tokens_seen: int
+    cache_tokens_per_layer: list[int]
+    kv_bytes: int
+    kv_bytes_full: int
+    kv_bytes_peak: int
+    kv_bytes_full_peak: int
+    prefill_seconds: float
+    decode_seconds: float
+    policy_seconds: float
+    history: list[UpdateRecord] = field(default_factory=list)
+
+    @property
+    def cache_fraction(self) -> float:
+        """Mean over layers of retained tokens / tokens seen."""
+        if not self.cache_tokens_per_layer or self.tokens_seen == 0:
+            return 1.0
+        return sum(self.cache_tokens_per_layer) / len(self.cache_tokens_per_layer) / self.tokens_seen
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+            "tokens_seen": self.tokens_seen, "cache_tokens_per_layer": self.cache_tokens_per_layer,
+            "cache_fraction": self.cache_fraction, "kv_bytes": self.kv_bytes, "kv_bytes_full": self.kv_bytes_full,
+            "kv_bytes_peak": self.kv_bytes_peak, "kv_bytes_full_peak": self.kv_bytes_full_peak,
+            "prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds,
+            "policy_seconds": self.policy_seconds,
+        }
+
+
+def model_context(model: PreTrainedModel) -> int:
+    """The longest sequence the model was trained for."""
+    return int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+
+
+def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], context: int) -> list[Tensor]:
+    """Token ids of each prompt; clear errors for empty or over-long prompts."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt {i} is empty")
+        ids = torch.tensor(tokenizer(prompt).input_ids, dtype=torch.long)
+        if len(ids) >= context:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's context is {context} tokens")
+        out.append(ids)
+    return out
+
+
+def _sampler(do_sample: bool, temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    procs = LogitsProcessorList()
+    if do_sample:
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling")
+        if temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(temperature))
+        if top_k and top_k > 0:
+            procs.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p))
+    return procs
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+@torch.inference_mode()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | list[str],
+    policy: MemoryPolicy | str | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    chunk_size: int = 128,
+    record_history: bool = False,
+    progress: bool = False,
+) -> GenerationOutput | list[GenerationOutput]:
+    """Generate from one prompt (or a list: a batch) with ``policy`` managing the KV cache.
+
+    Greedy by default; ``do_sample`` with ``temperature``/``top_k``/``top_p`` samples instead.
+    Stops at the model's end-of-sequence token, at any ``stop`` string, or after
+    ``max_new_tokens``. A list of prompts returns one output per prompt, each identical to what
+    the prompt would give alone.
+    """
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else list(prompt)
+    if not prompts:
+        raise ValueError("no prompt given")
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    policy = make_policy("full") if policy is None else (make_policy(policy) if isinstance(policy, str) else policy)
+    context = model_context(model)
+    ids = tokenize_prompts(tokenizer, prompts, context)
+    B = len(ids)
+    runner = MemoryRunner(model, policy, B, chunk_size=chunk_size, record_history=record_history)
+    eos = _eos_ids(model, tokenizer)
+    procs = _sampler(do_sample, temperature, top_k, top_p)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    generated: list[list[int]] = [[] for _ in range(B)]
+    finished = [False] * B
+    budget = [min(max_new_tokens, context - len(x)) for x in ids]
+
+    with memory_attention_enabled(model):
+        t0 = time.perf_counter()
+        with tqdm(total=sum(len(x) for x in ids), desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
+            logits = runner.feed(ids, progress=bar)
+        t1 = time.perf_counter()
+        for step in tqdm(range(max(budget, default=0)), desc="decode", unit="tok", disable=not progress, leave=False):
+            history = torch.stack([torch.tensor(g[-1:] or [0]) for g in generated])
+            scores = procs(history, logits) if len(procs) else logits
+            if do_sample:
+                probs = torch.softmax(scores, dim=-1)
+                next_ids = torch.multinomial(probs, 1, generator=gen).flatten()
+            else:
+                next_ids = scores.argmax(-1)
+            feed = []
+            for b in range(B):
+                if finished[b] or step >= budget[b]:
+                    finished[b] = True
+                    feed.append(torch.empty(0, dtype=torch.long))
+                    continue
+                tok = int(next_ids[b])
+                generated[b].append(tok)
+                if tok in eos or (stop and any(s in tokenizer.decode(generated[b]) for s in stop)):
+                    finished[b] = True
+                if finished[b] or step + 1 >= budget[b]:
+                    finished[b] = True
+                    feed.append(torch.empty(0, dtype=torch.long))
+                else:
+                    feed.append(torch.tensor([tok]))
+            if all(finished):
+                break
+            logits = runner.feed(feed)
+        t2 = time.perf_counter()
+
+    counts = runner.cache.token_counts().cpu()
+    kv_now, kv_full = runner.kv_bytes(), runner.kv_bytes_full()
+    peak = torch.maximum(runner.kv_bytes_peak, kv_now)
+    outputs = []
+    for b in range(B):
+        tokens = [t for t in generated[b] if t not in eos]
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        for s in stop or []:
+            if s in text:
+                text = text[: text.index(s)]
+        outputs.append(GenerationOutput(
+            text=text, token_ids=generated[b], prompt_tokens=len(ids[b]), tokens_seen=int(runner.seen[b]),
+            cache_tokens_per_layer=counts[:, b].tolist(), kv_bytes=int(kv_now[b]), kv_bytes_full=int(kv_full[b]),
+            kv_bytes_peak=int(peak[b]), kv_bytes_full_peak=int(kv_full[b]),
+            prefill_seconds=t1 - t0, decode_seconds=t2 - t1, policy_seconds=runner.policy_seconds,
+            history=[h for h in runner.history if h.row == b],
+        ))
+    return outputs[0] if single else outputs

