@@ -76,13 +76,15 @@ class MemoryRunner:
             nxt = min(nxt, (seen // self.policy.n_up + 1) * self.policy.n_up)
         return nxt
 
-    def feed(self, rows_tokens: list[Tensor], progress=None) -> Tensor:
+    def feed(self, rows_tokens: list[Tensor], progress=None, all_logits: bool = False) -> Tensor | list[Tensor]:
         """Feed each row its tokens (1-D tensors, possibly empty); returns (B, vocab) logits of each
-        row's last fed token (rows fed nothing get zeros)."""
+        row's last fed token (rows fed nothing get zeros), or with ``all_logits`` a list holding,
+        per row, the (n_b, vocab) float32 logits of every token fed."""
         if len(rows_tokens) != self.batch_size:
             raise ValueError(f"expected {self.batch_size} rows, got {len(rows_tokens)}")
         done = [0] * self.batch_size
         last_logits: Tensor | None = None
+        every: list[list[Tensor]] = [[] for _ in range(self.batch_size)]
         while True:
             takes = []
             for b, tokens in enumerate(rows_tokens):
@@ -92,7 +94,13 @@ class MemoryRunner:
             width = max(takes)
             if width == 0:
                 break
-            logits = self._step([rows_tokens[b][done[b]:done[b] + takes[b]] for b in range(self.batch_size)], width)
+            logits = self._step([rows_tokens[b][done[b]:done[b] + takes[b]] for b in range(self.batch_size)], width,
+                                all_logits)
+            if all_logits:
+                for b, t in enumerate(takes):
+                    if t:
+                        every[b].append(logits[b, width - t:])
+                logits = logits[:, -1]
             if last_logits is None:
                 last_logits = torch.zeros_like(logits)
             fed = torch.tensor([t > 0 for t in takes])
@@ -104,9 +112,14 @@ class MemoryRunner:
                 self.update(due.nonzero().flatten())
             if progress is not None:
                 progress.update(sum(takes))
+        if all_logits:
+            vocab = self.model.config.get_text_config().vocab_size
+            return [torch.cat(parts) if parts else torch.zeros(0, vocab) for parts in every]
         return last_logits
 
-    def _step(self, pieces: list[Tensor], width: int) -> Tensor:
+    def _step(self, pieces: list[Tensor], width: int, all_logits: bool = False) -> Tensor:
+        """One forward over a left-padded (B, width) step; (B, vocab) last logits, or (B, width,
+        vocab) with ``all_logits``."""
         device = self.model.device
         ids = torch.zeros(self.batch_size, width, dtype=torch.long)
         positions = torch.full((self.batch_size, width), -1, dtype=torch.long)
@@ -118,12 +131,12 @@ class MemoryRunner:
         self.cache.step_positions = positions.to(device)
         out = self.model(
             input_ids=ids.to(device), position_ids=positions.clamp(min=0).to(device), past_key_values=self.cache,
-            use_cache=True, logits_to_keep=1, namm_memory=self.cache,
+            use_cache=True, logits_to_keep=0 if all_logits else 1, namm_memory=self.cache,
         )
         self.seen += torch.tensor([len(p) for p in pieces])
         if bool((positions < 0).any()):
             self.cache.drop_padding()
-        return out.logits[:, -1].float()
+        return out.logits.float() if all_logits else out.logits[:, -1].float()
 
     def update(self, rows: Tensor) -> None:
         """Run the policy on every layer for ``rows`` and shrink their caches."""

@@ -62,13 +62,23 @@ def model_context(model: PreTrainedModel) -> int:
     return int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
 
 
-def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], context: int) -> list[Tensor]:
-    """Token ids of each prompt; clear errors for empty or over-long prompts."""
+Prompt = str | list[int] | Tensor
+
+
+def tokenize_prompts(tokenizer: PreTrainedTokenizerBase | None, prompts: list[Prompt], context: int) -> list[Tensor]:
+    """Token ids of each prompt (text, or token ids already); clear errors for empty or over-long prompts."""
     out = []
     for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError(f"prompt {i} is empty")
+            if tokenizer is None:
+                raise ValueError("a tokenizer is needed for text prompts")
+            ids = torch.tensor(tokenizer(prompt).input_ids, dtype=torch.long)
+        else:
+            ids = torch.as_tensor(prompt, dtype=torch.long).flatten()
+        if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty")
-        ids = torch.tensor(tokenizer(prompt).input_ids, dtype=torch.long)
         if len(ids) >= context:
             raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's context is {context} tokens")
         out.append(ids)
@@ -89,9 +99,9 @@ def _sampler(do_sample: bool, temperature: float, top_k: int, top_p: float) -> L
     return procs
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    if eos is None:
+    if eos is None and tokenizer is not None:
         eos = tokenizer.eos_token_id
     if eos is None:
         return set()
@@ -101,8 +111,8 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str | list[str],
+    tokenizer: PreTrainedTokenizerBase | None,
+    prompt: Prompt | list[Prompt],
     policy: MemoryPolicy | str | None = None,
     max_new_tokens: int = 32,
     do_sample: bool = False,
@@ -114,15 +124,18 @@ def generate(
     chunk_size: int = 128,
     record_history: bool = False,
     progress: bool = False,
+    eos_token_id: list[int] | None | str = "auto",
 ) -> GenerationOutput | list[GenerationOutput]:
     """Generate from one prompt (or a list: a batch) with ``policy`` managing the KV cache.
 
     Greedy by default; ``do_sample`` with ``temperature``/``top_k``/``top_p`` samples instead.
     Stops at the model's end-of-sequence token, at any ``stop`` string, or after
-    ``max_new_tokens``. A list of prompts returns one output per prompt, each identical to what
-    the prompt would give alone.
+    ``max_new_tokens``. A prompt is text or token ids. A list of prompts returns one output per
+    prompt, each identical to what the prompt would give alone. ``eos_token_id`` overrides the
+    model's end-of-sequence ids (None: never stop early).
     """
-    single = isinstance(prompt, str)
+    single = isinstance(prompt, str) or (isinstance(prompt, Tensor) and prompt.dim() == 1) or (
+        isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int))
     prompts = [prompt] if single else list(prompt)
     if not prompts:
         raise ValueError("no prompt given")
@@ -133,7 +146,7 @@ def generate(
     ids = tokenize_prompts(tokenizer, prompts, context)
     B = len(ids)
     runner = MemoryRunner(model, policy, B, chunk_size=chunk_size, record_history=record_history)
-    eos = _eos_ids(model, tokenizer)
+    eos = _eos_ids(model, tokenizer) if eos_token_id == "auto" else set(eos_token_id or [])
     procs = _sampler(do_sample, temperature, top_k, top_p)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     generated: list[list[int]] = [[] for _ in range(B)]
@@ -161,7 +174,7 @@ def generate(
                     continue
                 tok = int(next_ids[b])
                 generated[b].append(tok)
-                if tok in eos or (stop and any(s in tokenizer.decode(generated[b]) for s in stop)):
+                if tok in eos or (stop and tokenizer and any(s in tokenizer.decode(generated[b]) for s in stop)):
                     finished[b] = True
                 if finished[b] or step + 1 >= budget[b]:
                     finished[b] = True
@@ -179,7 +192,7 @@ def generate(
     outputs = []
     for b in range(B):
         tokens = [t for t in generated[b] if t not in eos]
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
         for s in stop or []:
             if s in text:
                 text = text[: text.index(s)]

@@ -27,7 +27,9 @@ class RandomPolicy(MemoryPolicy):
     def select(self, view: LayerView) -> Tensor:
         B, H, K = view.positions.shape
         scores = torch.empty(B, H, K)
-        for b in range(B):
-            gen = torch.Generator().manual_seed(hash((self.seed, view.layer_idx, int(view.tokens_seen[b]))) % (1 << 62))
-            scores[b] = torch.rand(H, K, generator=gen)
+        for b in range(B):  # a score per (head, position), independent of slot layout and batch
+            seen = int(view.tokens_seen[b])
+            gen = torch.Generator().manual_seed(hash((self.seed, view.layer_idx, seen)) % (1 << 62))
+            table = torch.rand(H, seen, generator=gen)
+            scores[b] = table.gather(1, view.positions[b].cpu().clamp(min=0, max=seen - 1))
         return keep_top(scores.to(view.positions.device), self.budget.capacity(view.tokens_seen), view.valid)

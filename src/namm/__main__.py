@@ -1,0 +1,4 @@
+from namm.cli import main
+import sys
+
+sys.exit(main())

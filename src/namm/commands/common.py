@@ -1,0 +1,68 @@
+"""Arguments shared by several commands: model, policy and its options."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+from pathlib import Path
+
+import torch
+
+from namm.models import DEFAULT_MODEL, MODELS
+from namm.policies.base import MemoryPolicy, make_policy, policy_names
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"registry name ({', '.join(MODELS)}), local directory, .gguf file or hub id "
+                             f"(default: {DEFAULT_MODEL})")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+
+
+def add_policy_args(parser: argparse.ArgumentParser, default: str = "full") -> None:
+    parser.add_argument("--policy", default=default,
+                        help=f"memory policy: {', '.join(policy_names())} (default: {default})")
+    parser.add_argument("--budget", default=None,
+                        help="cache budget for baselines: a fraction of tokens seen in (0, 1] or a token count >= 2")
+    parser.add_argument("--checkpoint", default=None,
+                        help="NAMM checkpoint: a shipped name, a path, or 'zeros' (policy namm only)")
+    parser.add_argument("--n-up", type=int, default=None, help="tokens between memory updates (default 512)")
+
+
+def policy_from_args(args: argparse.Namespace) -> MemoryPolicy:
+    """Build the policy the arguments name, refusing options the policy does not take."""
+    options = {"budget": args.budget, "checkpoint": args.checkpoint, "n_up": args.n_up}
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.policy not in policy_names():
+        return make_policy(args.policy)  # raises the unknown-policy error
+    from namm.policies.base import _REGISTRY
+
+    accepted = inspect.signature(_REGISTRY[args.policy]).parameters
+    for key in options:
+        if key not in accepted:
+            raise ValueError(f"policy {args.policy!r} takes no --{key.replace('_', '-')}")
+    return make_policy(args.policy, **options)
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def read_text_file(path: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    return file.read_text(encoding="utf-8")
+
+
+def writable_dir(path: str) -> Path:
+    """Create ``path`` if needed and check it is a writable directory."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output path is not a directory: {path}")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"output directory is not writable: {path}")
+    return out

@@ -1,0 +1,61 @@
+"""``namm generate``: answer one prompt with a memory policy and report the memory it kept."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from namm.commands.common import add_model_args, add_policy_args, policy_from_args, read_text_file, set_threads
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate from a prompt with a memory policy",
+                       description="Generate a continuation of a prompt with a KV-cache memory policy and report "
+                                   "the cache kept per layer and the memory saved against the full cache.")
+    add_model_args(p)
+    add_policy_args(p)
+    p.add_argument("--prompt-file", required=True, help="text file holding the prompt ('-' for stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import namm
+
+    set_threads(args)
+    prompt = sys.stdin.read() if args.prompt_file == "-" else read_text_file(args.prompt_file)
+    policy = policy_from_args(args)
+    model, tokenizer = namm.load_model(args.model)
+    out = namm.generate(model, tokenizer, prompt, policy=policy, max_new_tokens=args.max_new_tokens,
+                        do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed, stop=args.stop, progress=not args.json and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps({"model": args.model, "policy": args.policy, **out.to_dict()}))
+        return 0
+    print(report(out, args.policy))
+    return 0
+
+
+def report(out, policy: str) -> str:
+    """A human-readable summary of one generation."""
+    layers = out.cache_tokens_per_layer
+    saved = 1 - out.kv_bytes / out.kv_bytes_full if out.kv_bytes_full else 0.0
+    lines = [
+        out.text.strip(),
+        "",
+        f"policy {policy}: {out.prompt_tokens} prompt tokens, {out.tokens_seen} tokens seen",
+        f"cache kept per layer (tokens): {' '.join(str(n) for n in layers)}",
+        f"mean cache fraction: {out.cache_fraction:.3f}",
+        f"KV memory: {out.kv_bytes / 2**20:.1f} MiB held vs {out.kv_bytes_full / 2**20:.1f} MiB full cache "
+        f"({saved:.0%} saved; peak {out.kv_bytes_peak / 2**20:.1f} MiB)",
+        f"time: prefill {out.prefill_seconds:.1f} s, decode {out.decode_seconds:.1f} s",
+    ]
+    return "\n".join(lines)
