@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from namm.commands import COMMANDS
+from namm.commands import command_modules
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "for Hugging Face transformers.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
+    for command in command_modules():
         command.add_parser(sub)
     return parser
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -137,7 +138,11 @@ def load_model(
     """Load a causal LM and its tokenizer by registry name, directory, ``.gguf`` path or hub id."""
     where, gguf = resolve_model_dir(name_or_path)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    hf_logging.disable_progress_bar()  # a sub-second load needs no bar; ours report the real work
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    finally:
+        hf_logging.enable_progress_bar()
     model.to(device).eval()
     return model, tokenizer

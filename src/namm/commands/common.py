@@ -28,6 +28,9 @@ def add_policy_args(parser: argparse.ArgumentParser, default: str = "full") -> N
     parser.add_argument("--checkpoint", default=None,
                         help="NAMM checkpoint: a shipped name, a path, or 'zeros' (policy namm only)")
     parser.add_argument("--n-up", type=int, default=None, help="tokens between memory updates (default 512)")
+    parser.add_argument("--less", default=None,
+                        help="add a LESS low-rank memory of evicted tokens: shipped kernels name "
+                             "(e.g. smollm2-135m-h2o) or a path from `namm less-train`")
 
 
 def policy_from_args(args: argparse.Namespace) -> MemoryPolicy:
@@ -42,7 +45,7 @@ def policy_from_args(args: argparse.Namespace) -> MemoryPolicy:
     for key in options:
         if key not in accepted:
             raise ValueError(f"policy {args.policy!r} takes no --{key.replace('_', '-')}")
-    return make_policy(args.policy, **options)
+    return make_policy(args.policy, less=getattr(args, "less", None), **options)
 
 
 def set_threads(args: argparse.Namespace) -> None:

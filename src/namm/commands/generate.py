@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     set_threads(args)
     prompt = sys.stdin.read() if args.prompt_file == "-" else read_text_file(args.prompt_file)
+    if not prompt.strip():
+        raise ValueError(f"the prompt file {args.prompt_file} is empty")
     policy = policy_from_args(args)
     model, tokenizer = namm.load_model(args.model)
     out = namm.generate(model, tokenizer, prompt, policy=policy, max_new_tokens=args.max_new_tokens,

@@ -83,7 +83,10 @@ def memory_attention(
         visible = visible | own
     if not heads_aligned:
         visible = visible.repeat_interleave(Hq // H, dim=1)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scaling, enable_gqa=H != Hq)
+    attend = getattr(memory.policy, "attend", None)  # optional policy hook (e.g. LESS), see MemoryPolicy
+    out = None if attend is None else attend(module.layer_idx, query, key, value, visible, scaling)
+    if out is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scaling, enable_gqa=H != Hq)
     if memory.query_window != 0:
         layer.buffer_queries(query, memory.query_window)
     return out.transpose(1, 2).contiguous(), None

@@ -37,6 +37,9 @@ def gather_slots(tensor: Tensor, index: Tensor, dim: int) -> Tensor:
     return torch.gather(tensor, dim, expanded)
 
 
+HEADROOM = 256  # spare slots a layer's tensors grow by (bounded extra memory, amortised appends)
+
+
 class MemoryLayer(CacheLayerMixin):
     """One layer of a :class:`MemoryCache`."""
 
@@ -59,6 +62,7 @@ class MemoryLayer(CacheLayerMixin):
         self.keys = key_states.new_zeros(B, H, 0, D)
         self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
         self.positions = torch.zeros(B, H, 0, dtype=torch.long, device=self.device)
+        self._stores: dict[str, Tensor] = {}
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -67,10 +71,29 @@ class MemoryLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         new_positions = self.cache.step_positions  # (B, Q), -1 for padding
         B, H = key_states.shape[:2]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, new_positions[:, None, :].expand(B, H, -1)], dim=-1)
+        self.keys = self._append("keys", key_states)
+        self.values = self._append("values", value_states)
+        self.positions = self._append("positions", new_positions[:, None, :].expand(B, H, -1))
         return self.keys, self.values
+
+    def _append(self, name: str, new: Tensor, dim: int = 2) -> Tensor:
+        """``getattr(self, name)`` with ``new`` appended along ``dim`` (the slot or query axis).
+
+        Tensors grow inside a backing store with ``HEADROOM`` spare slots, so a decode step writes
+        one slot instead of copying the whole layer; the attribute stays a view of exactly the
+        slots in use. A tensor replaced by a gather (an update) simply starts a new store."""
+        current = getattr(self, name)
+        store = self._stores.get(name)
+        used, extra = current.shape[dim], new.shape[dim]
+        if (store is None or store.data_ptr() != current.data_ptr() or store.shape[dim] < used + extra
+                or store.shape[:dim] + store.shape[dim + 1:] != current.shape[:dim] + current.shape[dim + 1:]):
+            shape = list(current.shape)
+            shape[dim] = used + extra + HEADROOM
+            store = current.new_empty(shape)
+            store.narrow(dim, 0, used).copy_(current)
+            self._stores[name] = store
+        store.narrow(dim, used, extra).copy_(new)
+        return store.narrow(dim, 0, used + extra)
 
     def buffer_queries(self, queries: Tensor, window: int | None) -> None:
         """Keep the queries of this step (after RoPE) for the policy, at most ``window`` per row."""
@@ -78,8 +101,8 @@ class MemoryLayer(CacheLayerMixin):
         if self.queries is None:
             self.queries, self.query_positions = queries, positions
         else:
-            self.queries = torch.cat([self.queries, queries], dim=-2)
-            self.query_positions = torch.cat([self.query_positions, positions], dim=-1)
+            self.queries = self._append("queries", queries)
+            self.query_positions = self._append("query_positions", positions, dim=1)
         valid = self.query_positions >= 0
         if window is not None and bool(valid.all()):
             self.queries = self.queries[:, :, -window:]
@@ -153,6 +176,16 @@ class MemoryLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.__init__(self.cache, self.layer_idx)
 
+    def repeat_rows(self, n: int) -> None:
+        """Repeat every row ``n`` times (row b becomes rows b*n .. b*n+n-1), with its state and queries."""
+        if self.positions is None:
+            return
+        rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
+        self.keys, self.values, self.positions = rep(self.keys), rep(self.values), rep(self.positions)
+        self.state = {name: rep(value) for name, value in self.state.items()}
+        if self.queries is not None:
+            self.queries, self.query_positions = rep(self.queries), rep(self.query_positions)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("MemoryCache does not support beam search")
 
@@ -164,6 +197,7 @@ class MemoryCache(Cache):
     def __init__(self, num_layers: int, batch_size: int, device: torch.device | str = "cpu"):
         self.step_positions: Tensor = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         self.query_window: int | None = 0  # queries the policy needs buffered (see MemoryPolicy)
+        self.policy = None  # the MemoryPolicy managing this cache; the attention calls its ``attend`` hook
         super().__init__(layers=[MemoryLayer(self, i) for i in range(num_layers)])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -176,6 +210,12 @@ class MemoryCache(Cache):
     def nbytes(self) -> Tensor:
         """(B,) bytes of keys and values held, summed over layers."""
         return torch.stack([layer.nbytes() for layer in self.layers]).sum(0)
+
+    def repeat_rows(self, n: int) -> None:
+        """Repeat every row of every layer ``n`` times (see :meth:`MemoryLayer.repeat_rows`)."""
+        for layer in self.layers:
+            layer.repeat_rows(n)
+        self.step_positions = self.step_positions.repeat_interleave(n, dim=0)
 
     def drop_padding(self, force: bool = False) -> None:
         """Remove empty slots (left by padded inputs or unequal rows) once they make up more than

@@ -65,6 +65,7 @@ class MemoryRunner:
         device = self.model.device
         self.cache = MemoryCache(self.model.config.num_hidden_layers, self.batch_size, device)
         self.cache.query_window = self.policy.query_window if self.policy.evicts else 0
+        self.cache.policy = self.policy
         self.seen = torch.zeros(self.batch_size, dtype=torch.long)
         self.previous_update = torch.zeros(self.batch_size, dtype=torch.long)
         self.kv_bytes_peak = torch.zeros(self.batch_size, dtype=torch.long)
@@ -116,6 +117,32 @@ class MemoryRunner:
             vocab = self.model.config.get_text_config().vocab_size
             return [torch.cat(parts) if parts else torch.zeros(0, vocab) for parts in every]
         return last_logits
+
+    def shareable(self, rows_tokens: list[Tensor]) -> int:
+        """How many leading tokens :meth:`feed_shared` may compute once for these (fresh) rows:
+        all rows identical, at least one token left per row, and none past the first update."""
+        first = rows_tokens[0]
+        if self.batch_size < 2 or bool(self.seen.any()) or any(not torch.equal(t, first) for t in rows_tokens[1:]):
+            return 0
+        limit = len(first) - 1
+        return min(limit, self.policy.n_up - 1) if self.policy.evicts else limit
+
+    def feed_shared(self, tokens: Tensor) -> None:
+        """Feed the same ``tokens`` to every fresh row by running the model on one row and copying
+        its cache to all rows (a batch of one prompt, e.g. a population of policies, computes the
+        tokens before the first memory update once). At most :meth:`shareable` tokens."""
+        if bool(self.seen.any()):
+            raise ValueError("feed_shared needs rows that have seen no token yet")
+        if self.policy.evicts and len(tokens) >= self.policy.n_up:
+            raise ValueError(f"only the tokens before the first memory update ({self.policy.n_up}) can be shared")
+        rows = self.batch_size
+        self.batch_size, self.seen = 1, self.seen[:1]
+        try:
+            self.feed([tokens])
+        finally:
+            self.batch_size = rows
+            self.seen = self.seen.repeat(rows)
+        self.cache.repeat_rows(rows)
 
     def _step(self, pieces: list[Tensor], width: int, all_logits: bool = False) -> Tensor:
         """One forward over a left-padded (B, width) step; (B, vocab) last logits, or (B, width,

@@ -156,7 +156,11 @@ def generate(
     with memory_attention_enabled(model):
         t0 = time.perf_counter()
         with tqdm(total=sum(len(x) for x in ids), desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
-            logits = runner.feed(ids, progress=bar)
+            shared = runner.shareable(ids)  # identical prompts (a population): common prefix computed once
+            if shared:
+                runner.feed_shared(ids[0][:shared])
+                bar.update(shared * B)
+            logits = runner.feed([x[shared:] for x in ids], progress=bar)
         t1 = time.perf_counter()
         for step in tqdm(range(max(budget, default=0)), desc="decode", unit="tok", disable=not progress, leave=False):
             history = torch.stack([torch.tensor(g[-1:] or [0]) for g in generated])

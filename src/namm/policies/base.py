@@ -138,6 +138,11 @@ class MemoryPolicy:
         (B, H, K, ...) in ``view.state``; the runtime compacts them with the mask."""
         raise NotImplementedError
 
+    # Optional hook: a policy may define ``attend(layer_idx, query, key, value, visible, scaling)``
+    # returning the (B, Hq, Q, D) attention output of a forward step, or None for plain SDPA.
+    # ``visible`` is the (B, 1 or Hq, Q, K) bool mask the runtime built. LESS uses it.
+    attend = None
+
 
 def keep_top(scores: Tensor, count: Tensor, valid: Tensor, always: Tensor | None = None) -> Tensor:
     """Keep, per (row, head), the ``count[row]`` valid slots with the highest scores.
@@ -182,9 +187,15 @@ def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_policy(name: str, **options) -> MemoryPolicy:
-    """Build a registered policy by name, e.g. ``make_policy("h2o", budget=0.25)``."""
+def make_policy(name: str, less=None, **options) -> MemoryPolicy:
+    """Build a registered policy by name, e.g. ``make_policy("h2o", budget=0.25)``. ``less`` (a
+    shipped LESS kernel name, a checkpoint path or kernels) wraps it with a LESS low-rank memory."""
     names = policy_names()
     if name not in _REGISTRY:
         raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(names)}")
-    return _REGISTRY[name](**options)
+    policy = _REGISTRY[name](**options)
+    if less is None:
+        return policy
+    from namm.less.policy import LessPolicy
+
+    return LessPolicy(policy, less)
