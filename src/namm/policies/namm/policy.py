@@ -1,0 +1,121 @@
+"""``namm``: the Neural Attention Memory Model policy (Cetin et al., 2024, "An Evolved Universal
+Transformer Memory", arXiv 2410.13166).
+
+At every update each layer's tokens get a feature vector from the attention they received
+(spectrogram EMA + recency, see ``features.py``), a scoring network (BAM or MLP) scores them
+and the tokens scoring at or above the threshold are kept (``selection.py``). The memory size
+is emergent; ``max_tokens`` / ``max_fraction`` optionally cap it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from namm.policies.base import Budget, LayerView, MemoryPolicy, register_policy
+from namm.policies.namm.checkpoint import NAMMCheckpoint, load_namm_checkpoint, namm_config, zeros_checkpoint
+from namm.policies.namm.features import Normalization, layer_features, token_features
+from namm.policies.namm.scorers import make_scorer
+from namm.policies.namm.selection import select_tokens
+
+
+@register_policy("namm")
+@dataclass(eq=False)
+class NAMMPolicy(MemoryPolicy):
+    """NAMM eviction. ``checkpoint``: "zeros", a shipped name, a path, or a loaded
+    :class:`NAMMCheckpoint`. ``threshold`` / ``n_up`` default to the checkpoint's values;
+    ``scorer`` ("bam" or "mlp") picks the architecture of the "zeros" checkpoint and must match a
+    loaded one. ``max_tokens`` (>= 2) or ``max_fraction`` (in (0, 1]) cap each layer's cache."""
+
+    checkpoint: str | NAMMCheckpoint = "zeros"
+    threshold: float | None = None
+    max_tokens: int | None = None
+    max_fraction: float | None = None
+    n_up: int | None = None
+    scorer: str | dict | None = None
+    name = "namm"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.checkpoint, NAMMCheckpoint):
+            ckpt = self.checkpoint
+        elif self.checkpoint == "zeros":
+            ckpt = zeros_checkpoint(self.scorer or "bam")
+        else:
+            ckpt = load_namm_checkpoint(self.checkpoint)
+        net = ckpt.scorer
+        if self.scorer is not None:
+            wanted = make_scorer(self.scorer, net.in_dim).config()
+            if wanted["kind"] != net.kind or (isinstance(self.scorer, dict) and wanted != net.config()):
+                raise ValueError(f"scorer {self.scorer!r} does not match the checkpoint's scorer {net.config()}")
+        features = ckpt.features
+        if self.n_up is not None:
+            if int(self.n_up) < 1:
+                raise ValueError(f"n_up must be >= 1, got {self.n_up}")
+            features = replace(features, n_up=int(self.n_up))
+        self.features = features
+        self.n_up = features.n_up
+        self.query_window = features.n_up
+        self.threshold = float(ckpt.config.get("selection", {}).get("threshold", 0.0)
+                               if self.threshold is None else self.threshold)
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or int(self.max_tokens) < 2):
+            raise ValueError(f"max_tokens must be an integer >= 2, got {self.max_tokens!r}")
+        if self.max_fraction is not None and not 0 < float(self.max_fraction) <= 1:
+            raise ValueError(f"max_fraction must be in (0, 1], got {self.max_fraction!r}")
+        self.caps = [Budget(int(self.max_tokens))] if self.max_tokens is not None else []
+        self.caps += [Budget(float(self.max_fraction))] if self.max_fraction is not None else []
+        self.net = net
+        self.params = ckpt.params.float().clone()
+        self.normalization: Normalization = ckpt.normalization
+        self.loaded_checkpoint = ckpt
+        self.population: Tensor | None = None
+
+    @property
+    def num_params(self) -> int:
+        """Length of the scorer's flat parameter vector (4,172 for the paper's BAM)."""
+        return self.net.num_params
+
+    def config(self) -> dict:
+        """The checkpoint config of this policy (features, scorer, selection)."""
+        return namm_config(self.features, self.net.config(), self.threshold)
+
+    def set_population(self, params: Tensor | None) -> None:
+        """Give batch row b the parameters ``params[b]`` ((P, num_params); the batch size must then
+        be P), or with None go back to the checkpoint's vector for every row."""
+        if params is None:
+            self.population = None
+            return
+        params = torch.as_tensor(params, dtype=torch.float32)
+        if params.dim() != 2 or params.shape[1] != self.num_params:
+            raise ValueError(f"population must be (P, {self.num_params}) parameters, got {tuple(params.shape)}")
+        if not bool(torch.isfinite(params).all()):
+            raise ValueError("population parameters hold NaN or infinite values")
+        self.population = params
+
+    def reset(self, batch_size: int) -> None:
+        if self.population is not None and batch_size != self.population.shape[0]:
+            raise ValueError(f"a NAMM population of {self.population.shape[0]} members needs a batch of "
+                             f"{self.population.shape[0]} rows, got {batch_size}")
+
+    def row_params(self, rows: Tensor) -> Tensor:
+        """(B, num_params) parameters of the given batch rows."""
+        if self.population is None:
+            return self.params.to(rows.device).expand(len(rows), -1)
+        return self.population.to(rows.device).index_select(0, rows)
+
+    def cap(self, tokens_seen: Tensor) -> Tensor | None:
+        """(B,) most tokens a layer may keep per head, or None without a cap."""
+        caps = [budget.capacity(tokens_seen) for budget in self.caps]
+        return torch.stack(caps).amin(0) if caps else None
+
+    def token_features(self, view: LayerView) -> Tensor:
+        """(B, H, K, dim) feature vectors of a layer's tokens; updates the carried state in the view."""
+        return token_features(layer_features(view, self.features), self.normalization, self.features)
+
+    def scores(self, view: LayerView) -> Tensor:
+        """(B, H, K) scores of a layer's tokens."""
+        return self.net.score(self.token_features(view), view.valid, self.row_params(view.rows))
+
+    def select(self, view: LayerView) -> Tensor:
+        return select_tokens(self.scores(view), view.valid, self.threshold, self.cap(view.tokens_seen))

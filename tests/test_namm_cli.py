@@ -1,0 +1,103 @@
+"""``namm calibrate`` and ``namm inspect`` end to end on a tiny model saved in a local folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import namm
+from fixtures.byte_tokenizer import byte_tokenizer
+from namm.cli import main
+from tiny_models import tiny_model
+
+PROSE = ("Memory is the faculty of the mind by which data or information is encoded, stored, and retrieved when "
+         "needed. It is the retention of information over time for the purpose of influencing future action. ")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama-gqa").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_text(PROSE * 2 + "# a code comment\n    \n" + PROSE)
+    return path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_calibrate_writes_a_usable_checkpoint(capsys, tmp_path, model_dir, prompt_file):
+    out = tmp_path / "calib.json"
+    code, stdout, err = run_cli(capsys, "calibrate", "--model", str(model_dir), "--prompt-file", str(prompt_file),
+                                str(prompt_file), "--n-up", "64", "--out", str(out), "--quiet")
+    assert code == 0, err
+    assert "calibrated on 2 prompts" in stdout and len(stdout.strip().splitlines()) == 2 + 17
+    ckpt = namm.policies.namm.load_namm_checkpoint(out)
+    assert (ckpt.std > 0).all() and (ckpt.mean > 0).all() and not ckpt.params.any()
+    assert ckpt.provenance["prompts"] == 2 and ckpt.config["features"]["n_up"] == 64
+    code, stdout, err = run_cli(capsys, "generate", "--model", str(model_dir), "--policy", "namm", "--checkpoint",
+                                str(out), "--prompt-file", str(prompt_file), "--max-new-tokens", "4", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["cache_tokens_per_layer"] == [result["tokens_seen"]] * 3  # zero parameters keep everything
+
+
+def test_calibrate_errors(capsys, tmp_path, model_dir, prompt_file):
+    code, _, err = run_cli(capsys, "calibrate", "--model", str(model_dir), "--prompt-file", str(prompt_file),
+                           "--n-up", "4096", "--out", str(tmp_path / "x.json"))
+    assert code == 2 and "shorter than --n-up 4096" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "calibrate", "--model", str(model_dir), "--prompt-file", str(tmp_path / "nope.txt"),
+                           "--out", str(tmp_path / "x.json"))
+    assert code == 2 and "no such file" in err
+    code, _, err = run_cli(capsys, "calibrate", "--model", str(model_dir), "--task", "no-such-task",
+                           "--out", str(tmp_path / "x.json"))
+    assert code == 2 and "unknown task 'no-such-task'" in err
+
+
+def test_inspect_writes_html_png_and_json(capsys, tmp_path, model_dir, prompt_file):
+    policy = namm.make_policy("namm", n_up=64)
+    policy.params = torch.randn(policy.num_params, generator=torch.Generator().manual_seed(0)) * 0.5
+    ckpt = tmp_path / "random.json"
+    namm.policies.namm.save_namm_checkpoint(ckpt, policy.params, torch.zeros(17), torch.full((17,), 0.05),
+                                            policy.config(), {"source": "test"})
+    out = tmp_path / "inspect"
+    code, stdout, err = run_cli(capsys, "inspect", "--model", str(model_dir), "--checkpoint", str(ckpt),
+                                "--prompt-file", str(prompt_file), "--max-new-tokens", "70", "--out", str(out))
+    assert code == 0, err
+    data = json.loads((out / "retention.json").read_text())
+    seen = len(data["token_ids"]) - 1
+    retention = torch.tensor(data["retention_per_layer"])
+    assert retention.shape == (3, seen)
+    assert retention.min() < 1 and retention[:, -1].eq(1).all()  # some tokens dropped, the newest kept
+    final = data["final"]
+    assert final["tokens_seen"] == seen and max(final["tokens_per_layer"]) < seen
+    assert [u["tokens_seen"] for u in data["updates"]] == list(range(64, seen + 1, 64))
+    page = (out / "retention.html").read_text()
+    assert page.count('class="t"') >= len(data["token_ids"]) and "cache_size.png" in page
+    assert (out / "cache_size.png").read_bytes().startswith(b"\x89PNG")
+    assert "retention.html" in stdout
+
+
+def test_inspect_full_policy_and_bad_checkpoint(capsys, tmp_path, model_dir, prompt_file):
+    code, _, err = run_cli(capsys, "inspect", "--model", str(model_dir), "--policy", "full", "--prompt-file",
+                           str(prompt_file), "--max-new-tokens", "2", "--out", str(tmp_path / "full"))
+    assert code == 0, err
+    data = json.loads((tmp_path / "full" / "retention.json").read_text())
+    assert all(v == 1 for row in data["retention_per_layer"] for v in row)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    (tmp_path / "bad.safetensors").write_bytes(b"")
+    code, _, err = run_cli(capsys, "inspect", "--model", str(model_dir), "--checkpoint", str(bad), "--prompt-file",
+                           str(prompt_file), "--out", str(tmp_path / "o"))
+    assert code == 2 and "malformed NAMM checkpoint" in err and err.count("\n") == 1

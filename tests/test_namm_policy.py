@@ -1,0 +1,190 @@
+"""NAMM scorers, selection and the policy in the runtime, on tiny random models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import namm
+from namm.memory.driver import MemoryRunner, memory_attention_enabled
+from namm.policies.namm import BAMScorer, MLPScorer, NAMMPolicy, Normalization, make_scorer
+from namm.policies.namm.calibration import calibrate_normalization
+from namm.policies.namm.selection import select_tokens
+from tiny_models import KINDS, random_prompt, tiny_model
+
+N_UP = 32
+
+
+def reference_bam(x: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """The spec's BAM for one (layer, head): x (K, 25) in temporal order -> (K,) scores, by loops."""
+    d, hd = 25, 32
+    sizes = [d * 3 * hd, 3 * hd, hd * 2 * d, 2 * d, d, 1]
+    w_qkv, b_qkv, w_o, b_o, w, b = np.split(params, np.cumsum(sizes)[:-1])
+    qkv = x @ w_qkv.reshape(d, 3 * hd) + b_qkv
+    q, k, v = qkv[:, :hd], qkv[:, hd:2 * hd], qkv[:, 2 * hd:]
+    h = np.zeros((len(x), hd))
+    for i in range(len(x)):
+        logits = np.array([q[i] @ k[j] / math.sqrt(hd) for j in range(i, len(x))])  # itself and newer tokens
+        p = np.exp(logits - logits.max())
+        h[i] = (p / p.sum()) @ v[i:]
+    o = h @ w_o.reshape(hd, 2 * d) + b_o
+    mixed = x * (1 + o[:, d:]) + o[:, :d]
+    return mixed @ w + b[0]
+
+
+def test_parameter_counts():
+    assert BAMScorer().num_params == 4172 == namm.make_policy("namm").num_params
+    assert MLPScorer().num_params == 26 == namm.make_policy("namm", scorer="mlp").num_params
+    assert make_scorer({"kind": "mlp", "hidden": [8]}, 25).num_params == 25 * 8 + 8 + 8 + 1
+
+
+def test_bam_matches_reference_and_is_batched_over_rows():
+    gen = torch.Generator().manual_seed(0)
+    bam = BAMScorer()
+    x = torch.randn(3, 2, 12, 25, generator=gen)
+    params = torch.randn(3, bam.num_params, generator=gen) * 0.3
+    valid = torch.ones(3, 2, 12, dtype=torch.bool)
+    valid[1, :, 9:] = False  # a row with fewer tokens (right-padded)
+    scores = bam.score(x, valid, params)
+    for b in range(3):
+        for h in range(2):
+            n = int(valid[b, h].sum())
+            expected = reference_bam(x[b, h, :n].double().numpy(), params[b].double().numpy())
+            np.testing.assert_allclose(scores[b, h, :n].double().numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bam_backward_mask():
+    """A token's score does not change when OLDER tokens (or empty slots) change, and does when
+    newer ones do."""
+    gen = torch.Generator().manual_seed(1)
+    bam = BAMScorer()
+    params = torch.randn(1, bam.num_params, generator=gen) * 0.3
+    x = torch.randn(1, 2, 20, 25, generator=gen)
+    valid = torch.ones(1, 2, 20, dtype=torch.bool)
+    valid[:, :, 17:] = False
+    base = bam.score(x, valid, params)
+    older = x.clone()
+    older[:, :, :8] = torch.randn(1, 2, 8, 25, generator=gen)
+    older[:, :, 17:] = 1e3  # empty slots
+    changed = bam.score(older, valid, params)
+    torch.testing.assert_close(changed[:, :, 8:17], base[:, :, 8:17], rtol=0, atol=1e-6)
+    assert not torch.allclose(changed[:, :, :8], base[:, :, :8])
+    newer = x.clone()
+    newer[:, :, 12:17] += 1.0
+    assert not torch.allclose(bam.score(newer, valid, params)[:, :, :12], base[:, :, :12])
+
+
+def test_mlp_scorer_is_a_per_token_linear_map():
+    mlp = MLPScorer()
+    params = torch.randn(2, 26)
+    x = torch.randn(2, 3, 7, 25)
+    expected = torch.einsum("bhkd,bd->bhk", x, params[:, :25]) + params[:, 25, None, None]
+    torch.testing.assert_close(mlp.score(x, torch.ones(2, 3, 7, dtype=torch.bool), params), expected)
+
+
+def test_selection_threshold_uniform_count_newest_and_cap():
+    valid = torch.ones(1, 2, 6, dtype=torch.bool)
+    valid[0, :, 5] = False
+    scores = torch.tensor([[[0.5, -1.0, 0.2, -0.1, -3.0, 9.0], [-0.2, -0.3, -0.4, 1.0, -5.0, 9.0]]])
+    keep = select_tokens(scores, valid)
+    # head 0: {0, 2} >= 0 plus the newest (4) -> 3; head 1: {3} + newest -> 2; K = 3 for both
+    assert keep[0, 0].tolist() == [True, False, True, False, True, False]
+    assert keep[0, 1].tolist() == [True, False, False, True, True, False]
+    capped = select_tokens(scores, valid, cap=torch.tensor([2]))
+    assert capped.sum(-1).tolist() == [[2, 2]] and capped[0, :, 4].all()
+    assert select_tokens(torch.full_like(scores, float("nan")), valid)[0, :, :5].sum(-1).tolist() == [1, 1]
+    assert select_tokens(scores, valid, threshold=-0.35).sum(-1).tolist() == [[4, 4]]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def model(request):
+    return tiny_model(request.param)
+
+
+def test_zero_namm_equals_full(model):
+    prompt = random_prompt(300)
+    full = namm.generate(model, None, prompt, policy="full", max_new_tokens=40)
+    zero = namm.generate(model, None, prompt, policy=namm.make_policy("namm", n_up=N_UP), max_new_tokens=40)
+    assert zero.token_ids == full.token_ids
+    assert zero.cache_tokens_per_layer == [zero.tokens_seen] * len(zero.cache_tokens_per_layer)
+    assert zero.kv_bytes == zero.kv_bytes_full
+
+
+def random_namm(stats, seed: int, **options) -> NAMMPolicy:
+    policy = namm.make_policy("namm", n_up=N_UP, **options)
+    policy.normalization = Normalization(*stats)
+    policy.params = torch.randn(policy.num_params, generator=torch.Generator().manual_seed(seed)) * 0.5
+    return policy
+
+
+@pytest.fixture(scope="module")
+def stats(model):
+    return calibrate_normalization(model, [random_prompt(200, seed=s) for s in range(2)], n_up=N_UP)
+
+
+def test_random_namm_shrinks_cache_keeps_true_keys_and_decodes(model, stats):
+    prompt = random_prompt(150)
+    out = namm.generate(model, None, prompt, policy=random_namm(stats, 2), max_new_tokens=100, record_history=True)
+    assert len(out.history) >= 7 and out.tokens_seen == 249 and len(out.token_ids) == 100
+    assert out.kv_bytes < 0.5 * out.kv_bytes_full
+    sizes = [tuple(h.tokens_per_layer) for h in out.history]
+    assert any(len(set(s)) > 1 for s in sizes), "layers end up with different cache sizes"
+    with torch.inference_mode(), memory_attention_enabled(model):
+        full = MemoryRunner(model, namm.make_policy("full"), 1)
+        logits_full = full.feed([prompt])
+        runner = MemoryRunner(model, random_namm(stats, 2), 1)
+        logits = runner.feed([prompt])
+        assert torch.isfinite(logits).all() and torch.isfinite(logits_full).all()
+        for full_layer, layer in zip(full.cache.layers, runner.cache.layers):
+            pos = layer.positions
+            assert (pos >= 0).all() and (pos.diff(dim=-1) > 0).all() and (pos[..., -1] == 149).all()
+            assert pos.shape[-1] < 150
+            for name, state in layer.state.items():
+                assert torch.isfinite(state).all(), name
+        # the first layer's keys depend only on the token and its position: after four evictions
+        # every kept slot still holds the full cache's key and value of its absolute position
+        first, first_full = runner.cache.layers[0], full.cache.layers[0]
+        idx = first.positions[..., None].expand(-1, -1, -1, first.keys.shape[-1])
+        torch.testing.assert_close(first.keys, torch.gather(first_full.keys, 2, idx))
+        torch.testing.assert_close(first.values, torch.gather(first_full.values, 2, idx))
+
+
+def test_cap_limits_every_layer(model, stats):
+    policy = random_namm(stats, 3, max_fraction=0.2)
+    policy.params = torch.zeros(policy.num_params)  # keeps everything but for the cap
+    out = namm.generate(model, None, random_prompt(100), policy=policy, max_new_tokens=30, record_history=True)
+    for record in out.history:
+        assert max(record.tokens_per_layer) <= math.ceil(0.2 * record.tokens_seen)
+
+
+def test_population_batch_equals_single_runs(model, stats):
+    members = torch.stack([random_namm(stats, s).params for s in (4, 5, 6)])
+    prompts = [random_prompt(130, seed=7)] * 2 + [random_prompt(100, seed=8)]
+    batch_policy = random_namm(stats, 0)
+    batch_policy.set_population(members)
+    batch = namm.generate(model, None, prompts, policy=batch_policy, max_new_tokens=50)
+    for b, out in enumerate(batch):
+        alone = random_namm(stats, 0)
+        alone.params = members[b]
+        single = namm.generate(model, None, prompts[b], policy=alone, max_new_tokens=50)
+        assert out.token_ids == single.token_ids
+        assert out.cache_tokens_per_layer == single.cache_tokens_per_layer
+    assert batch[0].cache_tokens_per_layer != batch[1].cache_tokens_per_layer  # members really differ
+    with pytest.raises(ValueError, match="population of 3 members needs a batch of 3"):
+        namm.generate(model, None, prompts[:2], policy=batch_policy, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"\(P, 4172\)"):
+        batch_policy.set_population(torch.zeros(3, 10))
+    batch_policy.set_population(None)
+    assert len(namm.generate(model, None, prompts[:2], policy=batch_policy, max_new_tokens=2)) == 2
+
+
+def test_bad_policy_options():
+    with pytest.raises(ValueError, match="max_tokens"):
+        namm.make_policy("namm", max_tokens=1)
+    with pytest.raises(ValueError, match="max_fraction"):
+        namm.make_policy("namm", max_fraction=1.5)
+    with pytest.raises(ValueError, match="unknown NAMM scorer"):
+        namm.make_policy("namm", scorer="lstm")
