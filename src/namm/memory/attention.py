@@ -38,15 +38,26 @@ def buffered_attention(
     sliding_window: int | None = None,
 ) -> Tensor:
     """(B, H, N, K) float32 softmax attention of buffered queries (B, H*G, N, D) over keys
-    (B, H, K, D), averaged over the G query heads of each KV head; zero where not visible."""
+    (B, H, K, D), averaged over the G query heads of each KV head; zero where not visible.
+
+    Slots are packed and in temporal order (the runtime compacts before an update), so without a
+    sliding window the leading slots older than every buffered query are visible to all of them:
+    the mask is applied only to the slots after those."""
     B, Hq, N, D = queries.shape
     H, K = keys.shape[1], keys.shape[2]
     G = Hq // H
-    q = queries.float().reshape(B, H, G * N, D)
-    logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scaling).view(B, H, G, N, K)
-    visible = visibility(query_positions, key_positions, sliding_window)[:, :, None]
-    logits.masked_fill_(~visible, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    q = queries.float().reshape(B, H, G * N, D) * scaling
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).view(B, H, G, N, K)
+    real_query = query_positions >= 0
+    start = 0
+    if sliding_window is None and bool(real_query.any()):
+        oldest_query = int(query_positions[real_query].min())
+        start = int(((key_positions >= 0) & (key_positions < oldest_query)).sum(-1).min())
+    visible = visibility(query_positions, key_positions[..., start:], sliding_window)[:, :, None]
+    logits[..., start:].masked_fill_(~visible, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if not bool(real_query.all()):  # padded query rows: no attention at all (and no NaN)
+        probs.masked_fill_(~real_query[:, None, None, :, None], 0.0)
     return probs.mean(2)
 
 
