@@ -1,0 +1,61 @@
+"""Perplexity of a model reading a text with a memory policy managing its KV cache.
+
+The text is fed in chunks through the memory runtime (memory updates on schedule, exactly as in
+generation), and every token is scored by the logits of the previous one: the cheapest signal of
+what an eviction policy (and LESS) loses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from namm.memory.driver import MemoryRunner, memory_attention_enabled
+from namm.policies.base import MemoryPolicy
+
+PIECE = 512  # tokens scored per feed call (bounds the memory held by logits)
+
+
+@torch.inference_mode()
+def evaluate_perplexity(model, tokens: Tensor, policy: MemoryPolicy, chunk_size: int = 128,
+                        progress: bool = False) -> dict:
+    """Score ``tokens`` (1-D) with ``policy`` active. Returns ``perplexity``, ``nll`` (mean, nats),
+    ``tokens`` (scored), ``cache_fraction`` (mean over layers of retained / seen at the end),
+    ``kv_bytes_peak``, ``kv_bytes_full_peak``, ``wall_s`` and, for LESS, ``less_state_bytes``."""
+    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+    if len(tokens) < 2:
+        raise ValueError("perplexity needs at least 2 tokens")
+    start = time.perf_counter()
+    runner = MemoryRunner(model, policy, 1, chunk_size=chunk_size)
+    total, previous = 0.0, None
+    with memory_attention_enabled(model), tqdm(total=len(tokens), desc="perplexity", unit="tok",
+                                              disable=not progress, leave=False) as bar:
+        for begin in range(0, len(tokens), PIECE):
+            piece = tokens[begin:begin + PIECE]
+            logits = runner.feed([piece], progress=bar, all_logits=True)[0]
+            if previous is not None:
+                logits = torch.cat([previous, logits])
+                targets = piece
+            else:
+                targets = piece[1:]
+            total += float(F.cross_entropy(logits[:len(targets)], targets, reduction="sum"))
+            previous = logits[-1:]
+    scored = len(tokens) - 1
+    nll = total / scored
+    counts = runner.cache.token_counts()[:, 0].float()
+    kv_full = int(runner.kv_bytes_full()[0])
+    out = {
+        "perplexity": math.exp(nll), "nll": nll, "tokens": scored,
+        "cache_fraction": float(counts.mean()) / len(tokens),
+        "kv_bytes_peak": int(torch.maximum(runner.kv_bytes_peak, runner.kv_bytes())[0]),
+        "kv_bytes_full_peak": kv_full, "wall_s": time.perf_counter() - start,
+    }
+    state_nbytes = getattr(policy, "state_nbytes", None)
+    if state_nbytes is not None:
+        out["less_state_bytes"] = state_nbytes()
+    return out
