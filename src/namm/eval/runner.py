@@ -1,0 +1,210 @@
+"""Run a memory policy over benchmark samples and record predictions, scores, memory and speed.
+
+Results go to an output folder that doubles as a resume point:
+
+* ``config.json``: what was run (task, policy, model, options).
+* ``predictions.jsonl``: one row per finished sample (with a digest of the sample), appended and
+  flushed as soon as its batch finishes, so an interrupted run loses at most the batch in flight.
+  A rerun skips finished samples, so asking for more samples later only runs the new ones.
+* ``metrics.json``: the aggregate (score 0-100, cache fraction, KV bytes, tokens/s, wall time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+from tqdm.auto import tqdm
+
+from namm.memory.generation import generate
+from namm.policies.base import MemoryPolicy
+from namm.tasks.base import Sample
+from namm.tasks.longbench import read_jsonl
+from namm.tasks.metrics import get_metric, score_sample
+
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+CONFIG = "config.json"
+
+
+def sample_digest(sample: Sample) -> str:
+    """A short hash of everything that defines one sample (prompt, answers, metric, limits)."""
+    return hashlib.sha256(json.dumps(sample.to_dict(), sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def samples_digest(samples: list[Sample]) -> str:
+    """A short hash of a list of samples, in order."""
+    return hashlib.sha256("".join(sample_digest(s) for s in samples).encode("ascii")).hexdigest()[:16]
+
+
+def policy_label(policy: MemoryPolicy) -> dict:
+    """Name and options of a policy, for config.json."""
+    label = {"policy": policy.name}
+    for key in ("budget", "n_up", "threshold", "checkpoint"):
+        value = getattr(policy, key, None)
+        if value is not None:
+            label[key] = value if isinstance(value, (int, float, str)) else repr(value)
+    return label
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (a crash never leaves a half-written file)."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """Finished rows by sample id. A torn last line (a crash mid-write) is ignored, so that sample
+    simply reruns; any other malformed line is an error naming its line number."""
+    if not path.exists():
+        return {}
+    rows = read_jsonl(path, ("id",), torn_tail_ok=True)
+    for row in rows:
+        del row["_line"]
+    return {str(row["id"]): row for row in rows}
+
+
+def _check_config(out: Path, config: dict) -> None:
+    file = out / CONFIG
+    if file.exists():
+        try:
+            old = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise ValueError(f"{file} is not valid JSON; delete it or choose another output folder") from None
+        keys = ("task", "model", "policy_config")
+        diff = [k for k in keys if old.get(k) != config.get(k)]
+        if diff:
+            raise ValueError(f"{out} holds results of a different run (differs in: {', '.join(diff)}); "
+                             "choose another output folder or delete it")
+    write_json(file, config)
+
+
+def _truncate_file(path: Path) -> None:
+    """Drop a torn last line so appended rows start on a fresh line."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def _batches(samples: list[Sample], size: int) -> Iterable[list[Sample]]:
+    """Consecutive groups of at most ``size`` samples that share ``max_new_tokens``."""
+    batch: list[Sample] = []
+    for s in samples:
+        if batch and (len(batch) == size or s.max_new_tokens != batch[0].max_new_tokens):
+            yield batch
+            batch = []
+        batch.append(s)
+    if batch:
+        yield batch
+
+
+def _run_batch(model, tokenizer, policy: MemoryPolicy, batch: list[Sample]) -> list[dict]:
+    start = time.perf_counter()
+    outs = generate(model, tokenizer, [s.prompt for s in batch], policy=policy,
+                    max_new_tokens=batch[0].max_new_tokens)
+    wall = time.perf_counter() - start
+    prompt_total = sum(o.prompt_tokens for o in outs) or 1
+    new_total = sum(len(o.token_ids) for o in outs) or 1
+    rows = []
+    for s, o in zip(batch, outs):
+        share = o.prompt_tokens / prompt_total
+        rows.append({
+            "id": s.id, "sample_digest": sample_digest(s), "prediction": o.text, "answers": s.answers,
+            "score": score_sample(s, o.text),
+            "metric": s.metric, "prompt_tokens": o.prompt_tokens, "new_tokens": len(o.token_ids),
+            "cache_fraction": o.cache_fraction, "cache_tokens_per_layer": o.cache_tokens_per_layer,
+            "kv_bytes_peak": o.kv_bytes_peak, "kv_bytes_full_peak": o.kv_bytes_full_peak,
+            "prefill_s": o.prefill_seconds * share, "decode_s": o.decode_seconds * len(o.token_ids) / new_total,
+            "wall_s": wall * share,
+        })
+    return rows
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """The metrics.json numbers of a list of prediction rows."""
+    n = len(rows)
+    if n == 0:
+        raise ValueError("no finished samples to aggregate")
+    prefill_s = sum(r["prefill_s"] for r in rows)
+    decode_s = sum(r["decode_s"] for r in rows)
+    return {
+        "n": n,
+        "score": 100.0 * sum(r["score"] for r in rows) / n,
+        "cache_fraction": sum(r["cache_fraction"] for r in rows) / n,
+        "kv_bytes_peak": max(r["kv_bytes_peak"] for r in rows),
+        "kv_bytes_full_peak": max(r["kv_bytes_full_peak"] for r in rows),
+        "kv_bytes_peak_mean": sum(r["kv_bytes_peak"] for r in rows) / n,
+        "prompt_tokens_mean": sum(r["prompt_tokens"] for r in rows) / n,
+        "prefill_tokens_per_s": sum(r["prompt_tokens"] for r in rows) / prefill_s if prefill_s else 0.0,
+        "decode_tokens_per_s": sum(r["new_tokens"] for r in rows) / decode_s if decode_s else 0.0,
+        "wall_s": sum(r["wall_s"] for r in rows),
+    }
+
+
+def evaluate(model, tokenizer, policy: MemoryPolicy, samples: list[Sample], out_dir: str | Path | None = None,
+             batch_size: int = 1, progress: bool = True, task: str | None = None, model_name: str | None = None,
+             extra: dict | None = None) -> dict:
+    """Answer every sample with ``policy`` and return the metrics.json dict.
+
+    With ``out_dir``, writes config.json, predictions.jsonl (row by row) and metrics.json there,
+    and skips samples already in predictions.jsonl (resume). ``task`` and ``model_name`` label the
+    results (default: from the sample ids and the model config); ``extra`` is merged into
+    metrics.json and config.json (e.g. the budget as the user wrote it).
+    """
+    if not samples:
+        raise ValueError("no samples to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError("sample ids must be unique")
+    for s in samples:
+        get_metric(s.metric)
+    task = task or samples[0].id.rsplit("-", 3)[0]
+    model_name = model_name or str(getattr(model.config, "_name_or_path", "model"))
+    label = policy_label(policy)
+    config = {"task": task, "model": model_name, "policy": label["policy"], "policy_config": label,
+              "n": len(samples), **(extra or {})}
+    done: dict[str, dict] = {}
+    out = None
+    if out_dir is not None:
+        from namm.commands.common import writable_dir
+
+        out = writable_dir(str(out_dir))
+        _check_config(out, config)
+        done = read_predictions(out / PREDICTIONS)
+        _truncate_file(out / PREDICTIONS)
+        for sample in samples:
+            if sample.id in done and done[sample.id].get("sample_digest") != sample_digest(sample):
+                raise ValueError(f"{out}: sample {sample.id} differs from the one already answered there; "
+                                 "choose another output folder or delete it")
+    pending = [s for s in samples if s.id not in done]
+    bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc=f"{task} · {label['policy']}",
+               unit="sample", disable=not progress)
+    handle = (out / PREDICTIONS).open("a", encoding="utf-8") if out is not None else None
+    try:
+        for batch in _batches(pending, batch_size):
+            for row in _run_batch(model, tokenizer, policy, batch):
+                done[row["id"]] = row
+                if handle is not None:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if handle is not None:
+                handle.flush()
+                os.fsync(handle.fileno())
+            bar.update(len(batch))
+            bar.set_postfix(score=f"{aggregate([done[i] for i in ids if i in done])['score']:.1f}")
+    finally:
+        bar.close()
+        if handle is not None:
+            handle.close()
+    metrics = {"task": task, "policy": label["policy"], "model": model_name, **aggregate([done[i] for i in ids]),
+               "policy_config": label, **(extra or {})}
+    if out is not None:
+        write_json(out / METRICS, metrics)
+    return metrics

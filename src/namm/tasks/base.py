@@ -1,0 +1,67 @@
+"""What every benchmark task produces, and the registry of tasks by name."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Protocol
+
+
+@dataclass
+class Sample:
+    """One prompt to answer and how to score the answer.
+
+    ``metric`` names a function in :mod:`namm.tasks.metrics`; ``all_classes`` is the label set of
+    classification tasks; ``length`` the prompt length in tokens when known. ``first_line``
+    scores only the first non-empty line of the prediction (LongBench's rule for few-shot tasks).
+    """
+
+    id: str
+    prompt: str
+    answers: list[str]
+    max_new_tokens: int
+    metric: str
+    all_classes: list[str] | None = None
+    length: int | None = None
+    first_line: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Task(Protocol):
+    """A benchmark task: a name, a description and a deterministic sample generator."""
+
+    name: str
+    description: str
+
+    def samples(self, tokenizer, length: int, n: int, seed: int = 0) -> list[Sample]:
+        """``n`` samples whose prompts are about ``length`` tokens (synthetic tasks: within 2%;
+        dataset tasks: ``length`` is the truncation limit). The same arguments give the same
+        samples."""
+        ...
+
+
+_TASKS: dict[str, Callable[[], Task]] = {}
+
+
+def register_task(name: str, factory: Callable[[], Task]) -> None:
+    """Make a task available to :func:`get_task` under ``name``."""
+    _TASKS[name] = factory
+
+
+def _load_all() -> None:
+    from namm.tasks import choubun, infinitebench, longbench, synthetic  # noqa: F401  (register tasks)
+
+
+def task_names() -> list[str]:
+    """Every registered task name, sorted."""
+    _load_all()
+    return sorted(_TASKS)
+
+
+def get_task(name: str) -> Task:
+    """The task registered under ``name``; ValueError naming the choices otherwise."""
+    _load_all()
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name]()
