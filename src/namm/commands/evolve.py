@@ -1,0 +1,121 @@
+"""``namm evolve``: train a NAMM with CMA-ES on training tasks (resumable, staged, distributed)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from namm.commands.common import add_model_args, set_threads, writable_dir
+
+EXAMPLES = """examples:
+  namm evolve --model smollm2-135m --tasks passage_retrieval --length 1024 --prompts-per-task 4 \\
+      --population 16 --generations 100 --separable --out runs/stage1
+  namm evolve --resume runs/stage1                       # continue a stopped run exactly
+  namm evolve --init-from runs/stage1 --tasks passage_retrieval,kv_retrieval ... --out runs/stage2
+  torchrun --nproc_per_node 2 -m namm evolve ... --out runs/x   # population split over 2 processes
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "evolve", help="evolve NAMM parameters with CMA-ES", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evolve the parameters of a Neural Attention Memory Model with CMA-ES. A member's fitness "
+                    "is its mean task score divided by the full-cache model's score on the same prompts, "
+                    "averaged over tasks. Feature statistics are calibrated at the start and frozen; every "
+                    "--eval-every generations the CMA-ES mean is scored on all training prompts and the best "
+                    "one is saved as a NAMM checkpoint in OUT/best (use it with --policy namm --checkpoint "
+                    "OUT/best). The run saves its full state after every generation: --resume continues it "
+                    "with the same trajectory. Under torchrun the population is split across processes.")
+    add_model_args(p)
+    p.add_argument("--tasks", help="comma-separated training tasks (see `namm eval --help` for names)")
+    p.add_argument("--length", type=int, help="prompt length of the training tasks in tokens")
+    p.add_argument("--prompts-per-task", type=int, default=8, help="prompts per task per generation (default 8)")
+    p.add_argument("--train-prompts", type=int, default=None,
+                   help="fixed pool of prompts per task that generations draw from and the mean is evaluated on "
+                        "(default: 4 x --prompts-per-task)")
+    p.add_argument("--population", type=int, default=32, help="CMA-ES population size (default 32)")
+    p.add_argument("--elite", type=int, default=None, help="CMA-ES parents (default: half the population)")
+    p.add_argument("--sigma0", type=float, default=0.065, help="initial CMA-ES step size (default 0.065)")
+    p.add_argument("--separable", action="store_true", help="diagonal covariance (linear cost; much faster)")
+    p.add_argument("--generations", type=int, help="generations of this stage (with --resume: a new total)")
+    p.add_argument("--eval-every", type=int, default=10,
+                   help="score the CMA-ES mean on all training prompts every N generations (default 10)")
+    p.add_argument("--eval-batch-size", type=int, default=4, help="prompts per batch when scoring the mean")
+    p.add_argument("--memory-target", type=float, default=None,
+                   help="penalise members whose mean cache fraction exceeds this (0-1); default: no penalty")
+    p.add_argument("--memory-weight", type=float, default=1.0, help="penalty per unit of cache fraction above target")
+    p.add_argument("--scorer", default="bam", choices=["bam", "mlp"], help="NAMM scoring network (default bam)")
+    p.add_argument("--n-up", type=int, default=512, help="tokens between memory updates (default 512)")
+    p.add_argument("--one-by-one", action="store_true",
+                   help="score members one at a time instead of as one batch (slower; for comparison)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="run directory (created)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start a new stage from the run in DIR: keeps its CMA-ES state and feature statistics")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`EvolveConfig` of a new stage, or of the run to resume."""
+    from namm.evolve.trainer import EvolveConfig, load_run_config
+
+    if args.resume:
+        config = load_run_config(args.resume)
+        if args.generations is not None:
+            config.generations = args.generations
+        return config
+    missing = [name for name in ("tasks", "length", "generations", "out") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"missing {', '.join('--' + m for m in missing)} (or give --resume DIR)")
+    if args.init_from and not Path(args.init_from, "state").is_dir():
+        raise FileNotFoundError(f"no evolution state in --init-from {args.init_from}")
+    return EvolveConfig(
+        model=args.model, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], length=args.length,
+        generations=args.generations, prompts_per_task=args.prompts_per_task,
+        train_prompts=args.train_prompts or 4 * args.prompts_per_task, population=args.population,
+        elite=args.elite, sigma0=args.sigma0, separable=args.separable, eval_every=args.eval_every,
+        eval_batch_size=args.eval_batch_size, seed=args.seed, memory_target=args.memory_target,
+        memory_weight=args.memory_weight, n_up=args.n_up, scorer=args.scorer, batched=not args.one_by_one,
+        init_from=args.init_from,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import namm
+    from namm.evolve.distributed import close_workers, init_workers
+    from namm.evolve.trainer import Trainer
+    from namm.tasks.base import get_task
+
+    set_threads(args)
+    config = config_from_args(args)
+    for name in config.tasks:
+        get_task(name)  # unknown task: clear error before loading anything
+    out = Path(args.resume or args.out)
+    if not args.resume:
+        writable_dir(str(out))
+        if (out / "state").exists():
+            raise ValueError(f"{out} already holds a run; use --resume {out} or another --out")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    import torch
+
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    workers = init_workers(device)
+    try:
+        model, tokenizer = namm.load_model(config.model, device=device)
+        trainer = Trainer(config, out, model, tokenizer, workers, model_name=config.model)
+        if args.resume:
+            trainer.resume()
+        else:
+            trainer.start()
+        trainer.run()
+        if workers.is_main:
+            best = trainer.state
+            print(f"done: {trainer.cmaes.generation} generations; best mean fitness "
+                  f"{best.best_fitness if best.best_fitness is not None else float('nan'):.4f} "
+                  f"(generation {best.best_generation}); checkpoint {out / 'best'}; log {out / 'log.csv'}")
+    finally:
+        close_workers(workers)
+    return 0

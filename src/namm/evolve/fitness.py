@@ -1,0 +1,174 @@
+"""Fitness of NAMM parameter vectors: task scores normalised by the full-cache model.
+
+The fitness of a member is the mean over training tasks of (its mean score on the prompts of the
+generation) / (the full-cache model's mean score on the *same* prompts), minus an optional
+penalty when its mean cache fraction exceeds a target. All members of a generation see the same
+prompts (common random numbers); full-cache scores are computed once per prompt and cached.
+Members are scored in a batch: P members on one prompt in one ``generate`` call, each row
+with its own parameters (``policy.set_population``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from namm.evolve.distributed import Workers
+from namm.memory.generation import generate, model_context, tokenize_prompts
+from namm.policies.base import MemoryPolicy, make_policy
+from namm.tasks.base import Sample
+from namm.tasks.metrics import score_sample
+
+
+@dataclass
+class TrainingPrompt:
+    """One training prompt: its task index, the sample and its token ids."""
+
+    task: int
+    sample: Sample
+    token_ids: Tensor
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}:{self.sample.id}"
+
+
+@dataclass
+class MemoryTerm:
+    """Penalty ``weight * max(0, cache_fraction - target)`` on a member's mean cache fraction."""
+
+    target: float
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target <= 1:
+            raise ValueError(f"memory target must be a cache fraction in (0, 1], got {self.target}")
+        if self.weight < 0:
+            raise ValueError("memory weight must be >= 0")
+
+    def penalty(self, cache_fraction: Tensor) -> Tensor:
+        return self.weight * (cache_fraction - self.target).clamp(min=0)
+
+
+def normalised_fitness(
+    scores: Tensor, full_scores: Tensor, tasks: Tensor, cache_fraction: Tensor | None = None,
+    memory: MemoryTerm | None = None,
+) -> Tensor:
+    """(P,) fitness from (P, n) member scores, (n,) full-cache scores and (n,) task indices.
+
+    Per task: member mean / full-cache mean over that task's prompts; when the full cache scores
+    0 on all of them the ratio is 1 + member mean (so matching the full cache still gives 1).
+    Then the mean over tasks, minus the memory penalty on the (P, n) ``cache_fraction`` averaged
+    per member.
+    """
+    ratios = []
+    for task in torch.unique(tasks):
+        cols = tasks == task
+        member = scores[:, cols].double().mean(1)
+        full = full_scores[cols].double().mean()
+        ratios.append(member / full if full > 0 else 1 + member)
+    fitness = torch.stack(ratios).mean(0)
+    if memory is not None:
+        if cache_fraction is None:
+            raise ValueError("a memory term needs cache fractions")
+        fitness = fitness - memory.penalty(cache_fraction.double().mean(1))
+    return fitness
+
+
+def tokenize_samples(tokenizer, model, samples: list[tuple[int, Sample]]) -> list[TrainingPrompt]:
+    """Token ids for (task index, sample) pairs, checked against the model's context."""
+    ids = tokenize_prompts(tokenizer, [s.prompt for _, s in samples], model_context(model))
+    return [TrainingPrompt(task, sample, tok) for (task, sample), tok in zip(samples, ids)]
+
+
+@dataclass
+class Scores:
+    """Scores and cache fractions of R parameter rows on n prompts, both (R, n)."""
+
+    scores: Tensor
+    cache_fraction: Tensor
+
+
+class PopulationScorer:
+    """Scores NAMM parameter vectors on training prompts with one model, split across workers."""
+
+    def __init__(self, model, tokenizer, policy: MemoryPolicy, workers: Workers | None = None,
+                 chunk_size: int = 128, progress: bool = True):
+        self.model, self.tokenizer, self.policy = model, tokenizer, policy
+        self.workers = workers or Workers()
+        self.chunk_size = chunk_size
+        self.progress = progress and self.workers.is_main
+        self.full_cache: dict[str, float] = {}
+
+    def _generate(self, prompt_ids: list[Tensor], sample: Sample, policy: MemoryPolicy):
+        return generate(self.model, self.tokenizer, prompt_ids, policy=policy, max_new_tokens=sample.max_new_tokens,
+                        chunk_size=self.chunk_size)
+
+    def members(self, params: Tensor, prompts: list[TrainingPrompt], batched: bool = True) -> Scores:
+        """(P, n) scores of every population member on every prompt (same prompts for all).
+
+        Batched: each prompt runs once with this worker's members as the rows of one batch.
+        Otherwise each member runs alone (for comparison; same results). Members are split into
+        contiguous blocks across workers."""
+        mine = params[self.workers.block(len(params))]
+        scores = torch.zeros(len(mine), len(prompts))
+        fraction = torch.ones(len(mine), len(prompts))
+        groups = [list(range(len(mine)))] if batched else [[m] for m in range(len(mine))]
+        groups = [g for g in groups if g]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].token_ids))
+        with tqdm(total=len(prompts) * len(groups), desc="population", unit="run", disable=not self.progress,
+                  leave=False) as bar:
+            for i in order:
+                p = prompts[i]
+                for rows in groups:
+                    self.policy.set_population(mine[rows])
+                    for r, out in zip(rows, self._generate([p.token_ids] * len(rows), p.sample, self.policy)):
+                        scores[r, i] = score_sample(p.sample, out.text)
+                        fraction[r, i] = out.cache_fraction
+                    bar.update()
+        self.policy.set_population(None)
+        return Scores(self.workers.gather_blocks(scores), self.workers.gather_blocks(fraction))
+
+    def vector(self, params: Tensor, prompts: list[TrainingPrompt], batch_size: int = 1) -> Scores:
+        """(1, n) scores of one parameter vector (e.g. the CMA-ES mean) on many prompts."""
+        return self._by_prompt(prompts, batch_size, params)
+
+    def full(self, prompts: list[TrainingPrompt], batch_size: int = 1) -> Tensor:
+        """(n,) full-cache scores, computed once per prompt and cached."""
+        todo = [p for p in prompts if p.key not in self.full_cache]
+        if todo:
+            done = self._by_prompt(todo, batch_size, None)
+            for p, s in zip(todo, done.scores[0].tolist()):
+                self.full_cache[p.key] = s
+        return torch.tensor([self.full_cache[p.key] for p in prompts])
+
+    def _by_prompt(self, prompts: list[TrainingPrompt], batch_size: int, params: Tensor | None) -> Scores:
+        """Prompts split round-robin across workers; each worker batches up to ``batch_size`` of its
+        prompts with the same answer length, longest first."""
+        mine = self.workers.strided(len(prompts))
+        ordered = sorted(mine, key=lambda i: (prompts[i].sample.max_new_tokens, -len(prompts[i].token_ids)))
+        batches: list[list[int]] = []
+        for i in ordered:
+            last = batches[-1] if batches else None
+            if last and len(last) < batch_size and prompts[last[0]].sample.max_new_tokens == prompts[i].sample.max_new_tokens:
+                last.append(i)
+            else:
+                batches.append([i])
+        policy = make_policy("full") if params is None else self.policy
+        results: dict[int, tuple[float, float]] = {}
+        with tqdm(total=len(mine), desc="full cache" if params is None else "mean", unit="prompt",
+                  disable=not self.progress, leave=False) as bar:
+            for batch in batches:
+                if params is not None:
+                    self.policy.set_population(params.reshape(1, -1).expand(len(batch), -1).contiguous())
+                outs = self._generate([prompts[i].token_ids for i in batch], prompts[batch[0]].sample, policy)
+                for i, out in zip(batch, outs):
+                    results[i] = (score_sample(prompts[i].sample, out.text), out.cache_fraction)
+                bar.update(len(batch))
+        if params is not None:
+            self.policy.set_population(None)
+        merged = self.workers.gather_strided([results[i] for i in mine], len(prompts))
+        return Scores(torch.tensor([[m[0] for m in merged]]), torch.tensor([[m[1] for m in merged]]))

@@ -1,0 +1,307 @@
+"""The evolution loop: CMA-ES over NAMM parameters on training tasks, resumable and staged.
+
+A run directory holds everything needed to continue:
+
+* ``run.json`` — the configuration and where the run started from (``--init-from``);
+* ``normalization/`` — the all-zero NAMM checkpoint carrying the frozen feature statistics,
+  calibrated once at the start (NAMM_SPEC.md §4.3) or inherited from the previous stage;
+* ``state/`` — CMA-ES state (safetensors + JSON, see :mod:`namm.evolve.cmaes`) and the trainer
+  counters, replaced atomically after every generation;
+* ``best/`` — the NAMM checkpoint of the best CMA-ES *mean* evaluated so far;
+* ``log.jsonl``, ``log.csv``, ``curve.png`` — one row per generation and the training curve.
+
+Prompts of a generation are drawn from a fixed pool per task with a generator seeded by the
+run seed and the generation number, so a resumed run makes the same draws as one that never
+stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from namm.evolve.cmaes import CMAES, CMAESConfig
+from namm.evolve.distributed import Workers
+from namm.evolve.fitness import MemoryTerm, PopulationScorer, TrainingPrompt, normalised_fitness, tokenize_samples
+from namm.evolve.log import TrainingLog
+
+RUN_FILE = "run.json"
+TRAINER_STATE = "trainer.json"
+
+
+@dataclass
+class EvolveConfig:
+    """Everything that defines an evolution stage (saved in ``run.json``)."""
+
+    model: str
+    tasks: list[str]
+    length: int
+    generations: int
+    prompts_per_task: int = 8
+    train_prompts: int = 32  # fixed pool of prompts per task; each generation draws from it
+    population: int = 32
+    elite: int | None = None  # default: half the population
+    sigma0: float = 0.065
+    separable: bool = False
+    eval_every: int = 10
+    eval_batch_size: int = 4
+    seed: int = 0
+    memory_target: float | None = None
+    memory_weight: float = 1.0
+    n_up: int = 512
+    scorer: str = "bam"
+    batched: bool = True
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("at least one training task is needed")
+        for name, value in [("length", self.length), ("generations", self.generations),
+                            ("prompts-per-task", self.prompts_per_task), ("eval-every", self.eval_every),
+                            ("eval-batch-size", self.eval_batch_size), ("train-prompts", self.train_prompts)]:
+            if value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+        if self.prompts_per_task > self.train_prompts:
+            raise ValueError(f"--prompts-per-task ({self.prompts_per_task}) exceeds --train-prompts "
+                             f"({self.train_prompts})")
+        if self.length <= self.n_up:
+            raise ValueError(f"--length ({self.length}) must exceed --n-up ({self.n_up}): shorter prompts see no "
+                             f"memory update, so every NAMM keeps everything")
+        if self.elite is None:
+            self.elite = self.population // 2
+        CMAESConfig(num_params=1, popsize=self.population, elite=self.elite, sigma0=self.sigma0)  # validates
+        self.memory  # validates the memory term
+
+    @property
+    def memory(self) -> MemoryTerm | None:
+        return None if self.memory_target is None else MemoryTerm(self.memory_target, self.memory_weight)
+
+
+@dataclass
+class TrainerState:
+    """Counters saved beside the CMA-ES state."""
+
+    stage_generation: int = 0
+    best_fitness: float | None = None
+    best_generation: int | None = None
+    wall_s: float = 0.0
+    full_cache: dict[str, float] = field(default_factory=dict)
+
+
+def build_policy(checkpoint: str | Path, config: EvolveConfig):
+    from namm.policies.base import make_policy
+
+    return make_policy("namm", checkpoint=str(checkpoint), n_up=config.n_up, scorer=config.scorer)
+
+
+class Trainer:
+    """Runs (or resumes) one evolution stage in ``out``."""
+
+    def __init__(self, config: EvolveConfig, out: str | Path, model, tokenizer, workers: Workers | None = None,
+                 progress: bool = True, model_name: str | None = None):
+        self.config, self.out = config, Path(out)
+        self.model, self.tokenizer = model, tokenizer
+        self.workers = workers or Workers()
+        self.progress = progress and self.workers.is_main
+        self.model_name = model_name or config.model
+        self.pool = self._prompt_pool()
+        self.tasks = torch.tensor([p.task for p in self.pool])
+        self.state = TrainerState()
+        self.cmaes: CMAES | None = None
+        self.policy = None
+        self.scorer: PopulationScorer | None = None
+        self.log = TrainingLog(self.out)
+
+    # ---- setup ---------------------------------------------------------------------------
+
+    def _prompt_pool(self) -> list[TrainingPrompt]:
+        from namm.tasks.base import get_task
+
+        samples = []
+        for t, name in enumerate(self.config.tasks):
+            task = get_task(name)
+            samples += [(t, s) for s in task.samples(self.tokenizer, self.config.length, self.config.train_prompts,
+                                                     seed=self.config.seed)]
+        return tokenize_samples(self.tokenizer, self.model, samples)
+
+    def start(self) -> None:
+        """Fresh stage: calibrate (or inherit) the normalisation, build or inherit CMA-ES, save."""
+        from namm.policies.namm.checkpoint import load_namm_checkpoint, save_namm_checkpoint
+
+        if self.workers.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / RUN_FILE).write_text(json.dumps({"config": asdict(self.config)}, indent=1))
+        if self.config.init_from:
+            previous = Path(self.config.init_from)
+            self.cmaes = CMAES.load(previous / "state")
+            self._check_inherited(self.cmaes.config)
+            norm = load_namm_checkpoint(str(previous / "normalization"))
+            mean, std, namm_config = norm.mean, norm.std, norm.config
+            num_params = self.cmaes.config.num_params
+        else:
+            mean, std = self._calibrate()
+            probe = build_policy("zeros", self.config)
+            num_params, namm_config = probe.num_params, probe.config()
+            self.cmaes = CMAES(CMAESConfig(num_params=num_params, popsize=self.config.population,
+                                           elite=self.config.elite, sigma0=self.config.sigma0,
+                                           separable=self.config.separable, seed=self.config.seed))
+        if self.workers.is_main:
+            save_namm_checkpoint(self.out / "normalization", torch.zeros(num_params), mean, std, namm_config,
+                                 self._provenance(generation=self.cmaes.generation, fitness=None))
+            self._save_state()
+        self._barrier()
+        self._build_scorer()
+
+    def resume(self) -> None:
+        """Continue the stage saved in ``out`` exactly where it stopped."""
+        state_dir = self.out / "state"
+        self.cmaes = CMAES.load(state_dir)
+        saved = json.loads((state_dir / TRAINER_STATE).read_text())
+        self.state = TrainerState(**saved)
+        self._build_scorer()
+
+    def _check_inherited(self, cma: CMAESConfig) -> None:
+        before = (cma.popsize, cma.elite, cma.separable)
+        now = (self.config.population, self.config.elite, self.config.separable)
+        if before != now:
+            raise ValueError(f"the --init-from run used (population, elite, separable) = {before}; a stage keeps "
+                             f"its CMA-ES state, so it must use the same (got {now})")
+
+    def _calibrate(self):
+        from namm.policies.namm.calibration import calibrate_normalization
+
+        first_task = [p.token_ids for p in self.pool if p.task == 0]
+        return calibrate_normalization(self.model, first_task, n_up=self.config.n_up, progress=self.progress)
+
+    def _build_scorer(self) -> None:
+        self.policy = build_policy(self.out / "normalization", self.config)
+        self.scorer = PopulationScorer(self.model, self.tokenizer, self.policy, self.workers, progress=self.progress)
+        self.scorer.full_cache.update(self.state.full_cache)
+
+    def _provenance(self, generation: int, fitness: float | None) -> dict:
+        return {"model": self.model_name, "tasks": self.config.tasks, "length": self.config.length,
+                "generation": generation, "mean_fitness": fitness, "population": self.config.population,
+                "separable": self.config.separable, "seed": self.config.seed, "trainer": "namm evolve"}
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def generation_prompts(self, generation: int) -> list[TrainingPrompt]:
+        """The prompts every member of ``generation`` is scored on (same for all members)."""
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + generation)
+        chosen = []
+        for t in range(len(self.config.tasks)):
+            ids = [i for i, p in enumerate(self.pool) if p.task == t]
+            pick = torch.randperm(len(ids), generator=gen)[: self.config.prompts_per_task]
+            chosen += [self.pool[ids[k]] for k in sorted(pick.tolist())]
+        return chosen
+
+    def step(self) -> dict:
+        """One generation: ask, score, tell; every ``eval_every`` generations score the mean."""
+        start = time.perf_counter()
+        generation = self.cmaes.generation
+        prompts = self.generation_prompts(generation)
+        full = self.scorer.full(prompts, self.config.eval_batch_size)
+        params = self.cmaes.ask()
+        result = self.scorer.members(params, prompts, batched=self.config.batched)
+        tasks = torch.tensor([p.task for p in prompts])
+        fitness = normalised_fitness(result.scores, full, tasks, result.cache_fraction, self.config.memory)
+        self.cmaes.tell(fitness)
+        self.state.stage_generation += 1
+        row = {
+            "generation": self.cmaes.generation, "stage_generation": self.state.stage_generation,
+            "fitness_best": float(fitness.max()), "fitness_mean": float(fitness.mean()),
+            "fitness_median": float(fitness.median()), "sigma": self.cmaes.sigma,
+            "cache_fraction_mean": float(result.cache_fraction.mean()),
+            "cache_fraction_best": float(result.cache_fraction[int(fitness.argmax())].mean()),
+            "score_mean": float(result.scores.mean()), "full_score_mean": float(full.mean()),
+            "member_fitness": [round(float(f), 5) for f in fitness],
+            "member_cache_fraction": [round(float(c), 5) for c in result.cache_fraction.mean(1)],
+        }
+        last = self.state.stage_generation >= self.config.generations
+        if self.state.stage_generation % self.config.eval_every == 0 or last:
+            row.update(self.evaluate_mean())
+        self.state.wall_s += time.perf_counter() - start
+        row["wall_s"] = time.perf_counter() - start
+        row["total_wall_s"] = self.state.wall_s
+        self.state.full_cache = dict(self.scorer.full_cache)
+        if self.workers.is_main:
+            self.log.append(row)
+            self.log.plot()
+            self._save_state()
+        self._barrier()
+        return row
+
+    def evaluate_mean(self) -> dict:
+        """Score the CMA-ES mean on the whole prompt pool; keep it as ``best/`` if it is the best."""
+        from namm.policies.namm.checkpoint import save_namm_checkpoint
+
+        full = self.scorer.full(self.pool, self.config.eval_batch_size)
+        mean = self.cmaes.mean
+        result = self.scorer.vector(mean, self.pool, self.config.eval_batch_size)
+        fitness = float(normalised_fitness(result.scores, full, self.tasks, result.cache_fraction,
+                                           self.config.memory)[0])
+        improved = self.state.best_fitness is None or fitness > self.state.best_fitness
+        if improved:
+            self.state.best_fitness, self.state.best_generation = fitness, self.cmaes.generation
+            if self.workers.is_main:
+                provenance = self._provenance(self.cmaes.generation, fitness)
+                provenance.update(mean_cache_fraction=float(result.cache_fraction.mean()),
+                                  mean_score=float(result.scores.mean()), full_score=float(full.mean()))
+                tmp = self.out / "best.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                norm = self.policy.normalization
+                save_namm_checkpoint(tmp, mean, norm.mean, norm.std, self.policy.config(), provenance)
+                shutil.rmtree(self.out / "best", ignore_errors=True)
+                tmp.rename(self.out / "best")
+        return {"eval_fitness": fitness, "eval_cache_fraction": float(result.cache_fraction.mean()),
+                "eval_score": float(result.scores.mean()), "eval_full_score": float(full.mean()),
+                "eval_improved": improved}
+
+    def run(self) -> None:
+        """Run generations until this stage has ``config.generations`` of them."""
+        left = self.config.generations - self.state.stage_generation
+        with tqdm(total=self.config.generations, initial=self.state.stage_generation, desc="evolve",
+                  unit="gen", disable=not self.progress) as bar:
+            for _ in range(max(left, 0)):
+                row = self.step()
+                bar.set_postfix(best=f"{row['fitness_best']:.3f}", mean=f"{row['fitness_mean']:.3f}",
+                                cache=f"{row['cache_fraction_mean']:.2f}", sigma=f"{row['sigma']:.4f}")
+                bar.update()
+
+    # ---- saving --------------------------------------------------------------------------
+
+    def _save_state(self) -> None:
+        tmp, final = self.out / "state.tmp", self.out / "state"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.cmaes.save(tmp)
+        (tmp / TRAINER_STATE).write_text(json.dumps(asdict(self.state), indent=1))
+        old = self.out / "state.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _barrier(self) -> None:
+        if self.workers.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def load_run_config(out: str | Path) -> EvolveConfig:
+    """The configuration saved in a run directory (for ``--resume``)."""
+    file = Path(out) / RUN_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no evolution run in {out} (missing {RUN_FILE})")
+    try:
+        return EvolveConfig(**json.loads(file.read_text())["config"])
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"malformed {file}: {err}") from None
