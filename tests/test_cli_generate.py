@@ -71,3 +71,13 @@ def test_generate_report(capsys, prompt_file, smollm2):
     code, out, _ = run_cli(capsys, "generate", "--prompt-file", str(prompt_file), "--max-new-tokens", "3")
     assert code == 0
     assert "cache kept per layer" in out and "KV memory" in out
+
+
+@pytest.mark.slow
+def test_demo_runs_full_shipped_namm_and_baseline(capsys, smollm2):
+    code, out, _ = run_cli(capsys, "demo", "--length", "700", "--budget", "0.5")
+    assert code == 0
+    assert "expected answer" in out
+    for title in ("== full:", "== namm (smollm2-135m):", "== h2o (0.5):"):
+        assert title in out
+    assert out.count("cache kept per layer") == 3
