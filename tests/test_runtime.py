@@ -118,6 +118,7 @@ def test_kept_keys_are_the_full_cache_keys_at_their_positions(model, policy):
         torch.testing.assert_close(layer.keys, torch.gather(full_layer.keys, 2, idx))
         torch.testing.assert_close(layer.values, torch.gather(full_layer.values, 2, idx))
         assert layer.keys.shape[2] < full_layer.keys.shape[2] or policy == "l2"
+        assert not {"keys", "values", "positions"} & set(layer._stores), "pre-eviction storage released"
 
 
 def test_prompt_shorter_than_a_chunk(model):

@@ -55,6 +55,7 @@ class MemoryLayer(CacheLayerMixin):
         self.query_positions: Tensor | None = None  # (B, N)
         self.scaling: float = 1.0
         self.sliding_window: int | None = None
+        self._stores: dict[str, Tensor] = {}  # backing stores of appended tensors (see _append)
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         B, H, _, D = key_states.shape
@@ -62,7 +63,6 @@ class MemoryLayer(CacheLayerMixin):
         self.keys = key_states.new_zeros(B, H, 0, D)
         self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
         self.positions = torch.zeros(B, H, 0, dtype=torch.long, device=self.device)
-        self._stores: dict[str, Tensor] = {}
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -95,6 +95,12 @@ class MemoryLayer(CacheLayerMixin):
         store.narrow(dim, used, extra).copy_(new)
         return store.narrow(dim, 0, used + extra)
 
+    def _drop_stores(self, *names: str) -> None:
+        """Forget the backing stores of tensors about to be replaced, so their memory is freed now
+        rather than at the next append."""
+        for name in names:
+            self._stores.pop(name, None)
+
     def buffer_queries(self, queries: Tensor, window: int | None) -> None:
         """Keep the queries of this step (after RoPE) for the policy, at most ``window`` per row."""
         positions = self.cache.step_positions
@@ -123,6 +129,7 @@ class MemoryLayer(CacheLayerMixin):
         self._compact_queries(valid)
 
     def _compact_queries(self, valid: Tensor) -> None:
+        self._drop_stores("queries", "query_positions")
         order, real = compaction_index(valid)
         self.queries = gather_slots(self.queries, order.unsqueeze(1).expand(-1, self.queries.shape[1], -1), 2)
         self.query_positions = torch.where(real, torch.gather(self.query_positions, 1, order), -1)
@@ -142,6 +149,7 @@ class MemoryLayer(CacheLayerMixin):
     def compact(self, keep: Tensor, state: dict[str, Tensor] | None = None) -> None:
         """Keep only the slots where ``keep`` (B, H, K) is true; shrinks the tensors for real."""
         state = self.aligned_state() if state is None else state
+        self._drop_stores("keys", "values", "positions")
         order, real = compaction_index(keep)
         self.keys = gather_slots(self.keys, order, 2)
         self.values = gather_slots(self.values, order, 2)
@@ -180,6 +188,7 @@ class MemoryLayer(CacheLayerMixin):
         """Repeat every row ``n`` times (row b becomes rows b*n .. b*n+n-1), with its state and queries."""
         if self.positions is None:
             return
+        self._stores.clear()
         rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
         self.keys, self.values, self.positions = rep(self.keys), rep(self.values), rep(self.positions)
         self.state = {name: rep(value) for name, value in self.state.items()}
