@@ -125,7 +125,7 @@ def test_report_helpers():
     assert mean[0]["cache_fraction"] == pytest.approx(0.55) and mean[0]["n"] == 4
     table = markdown_table(rows).splitlines()
     assert table[0].startswith("| task | policy | budget |") and len(table) == 4
-    assert table[2] == "| a | h2o | 0.5 | 2 | 40.0 | 50.0 | 0.500 | 1.0 | 100 | 10.0 |"
+    assert table[2] == "| a | h2o | 0.5 | – | 2 | 40.0 | 50.0 | 0.500 | 1.0 | 100 | 10.0 |"  # no schedule given
     assert normalized_score(40.0, 80.0) == 50.0 and normalized_score(10.0, 0.0) is None
 
 
@@ -192,8 +192,8 @@ def test_cli_compare_table_and_plot(tiny_dir, tmp_path):
             "--out", str(out), "--quiet"]
     assert main(argv) == 0
     table = (out / "results.md").read_text()
-    assert "| passkey | h2o | 0.25 | 1 |" in table and "| kv_retrieval | full | – | 1 |" in table
-    assert "| mean | recency | 0.5 | 2 |" in table
+    assert "| passkey | h2o | 0.25 | progressive | 1 |" in table and "| kv_retrieval | full | – | – | 1 |" in table
+    assert "| mean | recency | 0.5 | progressive | 2 |" in table
     assert (out / "score_vs_cache.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert len(rows) == 2 * (1 + 2 + 2)

@@ -14,7 +14,7 @@ from namm.policies.namm.features import FeatureConfig
 
 
 def save_random(path, scorer="bam", n_up=256):
-    policy = namm.make_policy("namm", scorer=scorer)
+    policy = namm.make_policy("namm", checkpoint="zeros", scorer=scorer)
     params = torch.randn(policy.num_params)
     mean, std = torch.rand(17), torch.rand(17) + 0.1
     where = save_namm_checkpoint(path, params, mean, std, namm_config(FeatureConfig(n_up=n_up), scorer, threshold=0.5),

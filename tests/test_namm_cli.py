@@ -66,7 +66,7 @@ def test_calibrate_errors(capsys, tmp_path, model_dir, prompt_file):
 
 
 def test_inspect_writes_html_png_and_json(capsys, tmp_path, model_dir, prompt_file):
-    policy = namm.make_policy("namm", n_up=64)
+    policy = namm.make_policy("namm", checkpoint="zeros", n_up=64)
     policy.params = torch.randn(policy.num_params, generator=torch.Generator().manual_seed(0)) * 0.5
     ckpt = tmp_path / "random.json"
     namm.policies.namm.save_namm_checkpoint(ckpt, policy.params, torch.zeros(17), torch.full((17,), 0.05),

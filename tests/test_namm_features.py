@@ -1,4 +1,4 @@
-"""NAMM features against a plain loop/numpy reference written from NAMM_SPEC.md §3-4."""
+"""NAMM features against a plain loop/numpy reference written from docs/algorithm.md §3-4."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_features_match_reference_through_the_runtime(tiny, stats):
     """Evicting NAMM on a real (tiny) model over prefill and decoding: every update's features equal
     the reference that tracks each token's carried state by position. Covers carry-over across
     updates, state gathered through eviction, and tokens arriving mid-window."""
-    policy = Recorder(n_up=N_UP)
+    policy = Recorder(checkpoint="zeros", n_up=N_UP)
     policy.records = []
     policy.normalization = Normalization(*stats)
     policy.params = torch.randn(policy.num_params, generator=torch.Generator().manual_seed(1)) * 0.5
@@ -160,5 +160,5 @@ def test_feature_config_rejects_inconsistent_windows():
     with pytest.raises(ValueError, match="multiple of hop"):
         FeatureConfig(n_up=40)
     with pytest.raises(ValueError, match="n_up"):
-        namm.make_policy("namm", n_up=8)
+        namm.make_policy("namm", checkpoint="zeros", n_up=8)
     assert FeatureConfig().frames == 32 and FeatureConfig().bins == 17 and FeatureConfig().dim == 25

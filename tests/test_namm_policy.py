@@ -36,8 +36,8 @@ def reference_bam(x: np.ndarray, params: np.ndarray) -> np.ndarray:
 
 
 def test_parameter_counts():
-    assert BAMScorer().num_params == 4172 == namm.make_policy("namm").num_params
-    assert MLPScorer().num_params == 26 == namm.make_policy("namm", scorer="mlp").num_params
+    assert BAMScorer().num_params == 4172 == namm.make_policy("namm", checkpoint="zeros").num_params
+    assert MLPScorer().num_params == 26 == namm.make_policy("namm", checkpoint="zeros", scorer="mlp").num_params
     assert make_scorer({"kind": "mlp", "hidden": [8]}, 25).num_params == 25 * 8 + 8 + 8 + 1
 
 
@@ -107,14 +107,14 @@ def model(request):
 def test_zero_namm_equals_full(model):
     prompt = random_prompt(300)
     full = namm.generate(model, None, prompt, policy="full", max_new_tokens=40)
-    zero = namm.generate(model, None, prompt, policy=namm.make_policy("namm", n_up=N_UP), max_new_tokens=40)
+    zero = namm.generate(model, None, prompt, policy=namm.make_policy("namm", checkpoint="zeros", n_up=N_UP), max_new_tokens=40)
     assert zero.token_ids == full.token_ids
     assert zero.cache_tokens_per_layer == [zero.tokens_seen] * len(zero.cache_tokens_per_layer)
     assert zero.kv_bytes == zero.kv_bytes_full
 
 
 def random_namm(stats, seed: int, **options) -> NAMMPolicy:
-    policy = namm.make_policy("namm", n_up=N_UP, **options)
+    policy = namm.make_policy("namm", n_up=N_UP, **{"checkpoint": "zeros", **options})
     policy.normalization = Normalization(*stats)
     policy.params = torch.randn(policy.num_params, generator=torch.Generator().manual_seed(seed)) * 0.5
     return policy

@@ -111,6 +111,7 @@ def test_kept_keys_are_the_full_cache_keys_at_their_positions(model, policy):
         full.feed([prompt])
         evict = MemoryRunner(model, namm.make_policy(policy, budget=0.25, n_up=64), 1)
         evict.feed([prompt])
+        evict.end_prompt()  # the update of prompt-end policies (progressive ones updated at 64 tokens)
     for full_layer, layer in zip(full.cache.layers, evict.cache.layers):
         pos = layer.positions  # (1, H, K)
         assert (pos >= 0).all() and (pos.diff(dim=-1) > 0).all(), "packed and in temporal order"

@@ -146,3 +146,9 @@ def load_model(
         hf_logging.enable_progress_bar()
     model.to(device).eval()
     return model, tokenizer
+
+
+def registry_name(model: PreTrainedModel) -> str | None:
+    """The registry name of a model loaded by :func:`load_model` from the registry, else None."""
+    name = Path(str(getattr(model, "name_or_path", "") or "")).name
+    return name if name in MODELS else None

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         "prompt_files": [str(Path(f)) for f in args.prompt_file] if args.prompt_file else None,
         "prompts": len(ids), "prompt_tokens": int(sum(len(x) for x in ids)),
     }
-    path = save_namm_checkpoint(args.out, params=namm.make_policy("namm", scorer=args.scorer).params, mean=mean,
+    path = save_namm_checkpoint(args.out, params=namm.make_policy("namm", checkpoint="zeros", scorer=args.scorer).params, mean=mean,
                                 std=std, config=namm_config(features, args.scorer), provenance=provenance)
     print(f"calibrated on {len(ids)} prompts ({provenance['prompt_tokens']} tokens) of {args.model}; saved {path}")
     print("bin   mean        std")

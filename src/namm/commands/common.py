@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from namm.models import DEFAULT_MODEL, MODELS
-from namm.policies.base import MemoryPolicy, make_policy, policy_names
+from namm.policies.base import SCHEDULES, MemoryPolicy, make_policy, policy_names
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -28,13 +28,22 @@ def add_policy_args(parser: argparse.ArgumentParser, default: str = "full") -> N
     parser.add_argument("--checkpoint", default=None,
                         help="NAMM checkpoint: a shipped name, a path, or 'zeros' (policy namm only)")
     parser.add_argument("--n-up", type=int, default=None, help="tokens between memory updates (default 512)")
+    add_schedule_arg(parser)
     parser.add_argument("--less", default=None,
                         help="add a LESS low-rank memory of evicted tokens: shipped kernels name "
                              "(e.g. smollm2-135m-h2o) or a path from `namm less-train`")
 
 
+def add_schedule_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--schedule", choices=SCHEDULES, default=None,
+                        help="when the policy compresses: progressive (every --n-up tokens seen) or prompt-end "
+                             "(once, after the whole prompt; decoding only appends). Default: the policy's own "
+                             "(prompt-end for snapkv and pyramidkv, progressive for the others)")
+
+
 def policy_from_args(args: argparse.Namespace) -> MemoryPolicy:
-    """Build the policy the arguments name, refusing options the policy does not take."""
+    """Build the policy the arguments name (on ``args.schedule`` when given), refusing options the
+    policy does not take."""
     options = {"budget": args.budget, "checkpoint": args.checkpoint, "n_up": args.n_up}
     options = {k: v for k, v in options.items() if v is not None}
     if args.policy not in policy_names():
@@ -45,7 +54,8 @@ def policy_from_args(args: argparse.Namespace) -> MemoryPolicy:
     for key in options:
         if key not in accepted:
             raise ValueError(f"policy {args.policy!r} takes no --{key.replace('_', '-')}")
-    return make_policy(args.policy, less=getattr(args, "less", None), **options)
+    return make_policy(args.policy, less=getattr(args, "less", None), schedule=getattr(args, "schedule", None),
+                       **options)
 
 
 def set_threads(args: argparse.Namespace) -> None:

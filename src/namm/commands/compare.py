@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from namm.commands.common import add_model_args, policy_from_args, set_threads, writable_dir
+from namm.commands.common import add_model_args, add_schedule_arg, policy_from_args, set_threads, writable_dir
 from namm.commands.eval import add_sample_args
 
 DEFAULT_POLICIES = "full,recency,streaming,h2o,l2,snapkv,tova"
@@ -20,8 +20,8 @@ def add_parser(sub) -> None:
         "compare", help="compare memory policies across budgets and tasks",
         description="Evaluate every policy at every budget on every task (policies without a budget, such as "
                     "full and namm, run once per task), then write OUT/results.md (markdown table: raw and "
-                    "normalised score, mean cache fraction, KV bytes, tokens/s), OUT/results.json and "
-                    "OUT/score_vs_cache.png. Each run lives in OUT/runs/TASK/POLICY[-BUDGET] and resumes when "
+                    "normalised score, schedule, mean cache fraction, KV bytes, tokens/s), OUT/results.json and "
+                    "OUT/score_vs_cache.png. Each run lives in OUT/runs/TASK/POLICY[-BUDGET][-SCHEDULE] and resumes when "
                     "the command is rerun; full-cache reference scores are cached and reused.")
     add_model_args(p)
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated policies (default: {DEFAULT_POLICIES})")
@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated tasks (default: {DEFAULT_TASKS})")
     p.add_argument("--checkpoint", default=None, help="NAMM checkpoint for policy namm (default: the policy's own)")
     p.add_argument("--n-up", type=int, default=None, help="tokens between memory updates (default 512)")
+    add_schedule_arg(p)
     add_sample_args(p, samples=10)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(run=run)
@@ -79,7 +80,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
 
 def build_policy(args: argparse.Namespace, policy: str, budget: str | None):
     n_up = args.n_up if args.n_up is not None and accepts(policy, n_up=args.n_up) else None
-    options = argparse.Namespace(policy=policy, budget=budget, n_up=n_up,
+    options = argparse.Namespace(policy=policy, budget=budget, n_up=n_up, schedule=args.schedule,
                                  checkpoint=args.checkpoint if policy == "namm" else None)
     return policy_from_args(options)
 
@@ -101,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
             samples = get_task(task).samples(tokenizer, args.length, args.samples, seed=args.seed)
             references[task] = samples
         samples = references[task]
-        run_dir = out / "runs" / task / (policy_name if budget is None else f"{policy_name}-{budget}")
         policy = build_policy(args, policy_name, budget)
+        name = policy_name if budget is None else f"{policy_name}-{budget}"
+        run_dir = out / "runs" / task / (f"{name}-{args.schedule}" if args.schedule and policy.evicts else name)
         metrics = evaluate(model, tokenizer, policy, samples, out_dir=run_dir, batch_size=args.batch_size,
                            progress=not args.quiet, task=task, model_name=args.model,
                            extra={"budget": budget, "length": args.length, "seed": args.seed})

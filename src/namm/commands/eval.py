@@ -101,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     set_threads(args)
     policy = policy_from_args(args)
+    if args.task == PERPLEXITY:
+        from namm.eval.perplexity import check_perplexity_policy
+
+        check_perplexity_policy(policy)
     out = writable_dir(args.out)
     model, tokenizer = namm.load_model(args.model)
     extra = {"budget": args.budget, "checkpoint": args.checkpoint, "length": args.length, "seed": args.seed}

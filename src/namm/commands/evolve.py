@@ -11,6 +11,8 @@ from namm.commands.common import add_model_args, set_threads, writable_dir
 EXAMPLES = """examples:
   namm evolve --model smollm2-135m --tasks passage_retrieval --length 1024 --prompts-per-task 4 \\
       --population 16 --generations 100 --separable --out runs/stage1
+  namm evolve --model smollm2-135m --tasks niah_multikey,kv_retrieval --length 1072,1584,2096 \
+      --scorer mlp --hidden 8 --budgets 0.2,0.6 --population 16 --separable --generations 200 --out runs/b
   namm evolve --resume runs/stage1                       # continue a stopped run exactly
   namm evolve --init-from runs/stage1 --tasks passage_retrieval,kv_retrieval ... --out runs/stage2
   torchrun --nproc_per_node 2 -m namm evolve ... --out runs/x   # population split over 2 processes
@@ -22,15 +24,29 @@ def add_parser(sub) -> None:
         "evolve", help="evolve NAMM parameters with CMA-ES", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Evolve the parameters of a Neural Attention Memory Model with CMA-ES. A member's fitness "
-                    "is its mean task score divided by the full-cache model's score on the same prompts, "
-                    "averaged over tasks. Feature statistics are calibrated at the start and frozen; every "
+                    "is, by default, the mean log-probability of each prompt's reference answer under its memory "
+                    "minus the full cache's on the same prompt, averaged per task then over tasks (--fitness "
+                    "task: the task score divided by the full cache's). Feature statistics are calibrated at the start and frozen; every "
                     "--eval-every generations the CMA-ES mean is scored on all training prompts and the best "
                     "one is saved as a NAMM checkpoint in OUT/best (use it with --policy namm --checkpoint "
                     "OUT/best). The run saves its full state after every generation: --resume continues it "
                     "with the same trajectory. Under torchrun the population is split across processes.")
     add_model_args(p)
     p.add_argument("--tasks", help="comma-separated training tasks (see `namm eval --help` for names)")
-    p.add_argument("--length", type=int, help="prompt length of the training tasks in tokens")
+    p.add_argument("--length", help="prompt length(s) of the training tasks in tokens, comma-separated for a "
+                                     "curriculum over lengths (each task's pool is spread evenly over them)")
+    p.add_argument("--fitness", choices=["loglik", "task"], default="loglik",
+                   help="loglik (default): mean log-probability of the reference answer, teacher-forced, minus "
+                        "the full cache's on the same prompt (dense); task: the task metric / full cache's "
+                        "(the paper's, 0/1 on short answers)")
+    p.add_argument("--evaluator", choices=["proxy", "real"], default="proxy",
+                   help="proxy (default): replay the update schedule on features and keys recorded once per "
+                        "prompt, then one forward of the prompt's last tokens and the answer per member (loglik "
+                        "only); real: real progressive eviction for every member")
+    p.add_argument("--budgets", metavar="LO,HI",
+                   help="budget mode: each generation draws a memory budget in [LO, HI] and members keep their "
+                        "top-scored tokens within it (one checkpoint for a range of budgets); default: threshold mode")
+    p.add_argument("--hidden", metavar="N[,N...]", help="hidden layer sizes of the mlp scorer (default: linear)")
     p.add_argument("--prompts-per-task", type=int, default=8, help="prompts per task per generation (default 8)")
     p.add_argument("--train-prompts", type=int, default=None,
                    help="fixed pool of prompts per task that generations draw from and the mean is evaluated on "
@@ -58,6 +74,17 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def int_list(text: str, flag: str) -> list[int]:
+    """Comma-separated integers, or a clear error naming the flag."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{flag} is empty")
+    return values
+
+
 def config_from_args(args: argparse.Namespace):
     """The :class:`EvolveConfig` of a new stage, or of the run to resume."""
     from namm.evolve.trainer import EvolveConfig, load_run_config
@@ -72,8 +99,12 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"missing {', '.join('--' + m for m in missing)} (or give --resume DIR)")
     if args.init_from and not Path(args.init_from, "state").is_dir():
         raise FileNotFoundError(f"no evolution state in --init-from {args.init_from}")
+    lengths = int_list(args.length, "--length")
+    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else None
     return EvolveConfig(
-        model=args.model, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], length=args.length,
+        model=args.model, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        length=lengths[0] if len(lengths) == 1 else lengths, fitness=args.fitness, evaluator=args.evaluator,
+        budgets=budgets, hidden=int_list(args.hidden, "--hidden") if args.hidden else None,
         generations=args.generations, prompts_per_task=args.prompts_per_task,
         train_prompts=args.train_prompts or 4 * args.prompts_per_task, population=args.population,
         elite=args.elite, sigma0=args.sigma0, separable=args.separable, eval_every=args.eval_every,

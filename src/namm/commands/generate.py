@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
                         do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed, stop=args.stop, progress=not args.json and sys.stderr.isatty())
     if args.json:
-        print(json.dumps({"model": args.model, "policy": args.policy, **out.to_dict()}))
+        schedule = policy.schedule if policy.evicts else None
+        print(json.dumps({"model": args.model, "policy": args.policy, "schedule": schedule, **out.to_dict()}))
         return 0
     print(report(out, args.policy))
     return 0

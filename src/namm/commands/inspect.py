@@ -45,6 +45,7 @@ class RetentionRecorder(MemoryPolicy):
 
     def __post_init__(self) -> None:
         self.n_up, self.query_window, self.evicts = self.inner.n_up, self.inner.query_window, self.inner.evicts
+        self.schedule = self.inner.schedule
         self.name, self.attend = self.inner.name, self.inner.attend  # attend: e.g. a LESS memory's output
 
     def reset(self, batch_size: int) -> None:

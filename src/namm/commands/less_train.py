@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args)
     if getattr(args, "less", None):
         raise ValueError("less-train trains LESS kernels; do not pass --less")
+    if args.schedule == "prompt-end":
+        raise ValueError("less-train records the evictions of the progressive schedule; drop --schedule prompt-end")
     policy = policy_from_args(args)
     config = TrainConfig(sequences=args.sequences, seq_len=args.seq_len, queries_per_seq=args.queries,
                          steps=args.steps, batch_sequences=args.batch, lr=args.lr, hidden=args.hidden, rank=args.rank,

@@ -21,6 +21,14 @@ from namm.policies.base import MemoryPolicy
 PIECE = 512  # tokens scored per feed call (bounds the memory held by logits)
 
 
+def check_perplexity_policy(policy: MemoryPolicy) -> None:
+    """A ValueError for a policy on the prompt-end schedule: a text read for perplexity has no
+    prompt end, so it would never compress."""
+    if policy.evicts and policy.schedule == "prompt-end":
+        raise ValueError(f"perplexity reads a text with no prompt end, so policy {policy.name!r} on the prompt-end "
+                         "schedule would never compress; use the progressive schedule (--schedule progressive)")
+
+
 @torch.inference_mode()
 def evaluate_perplexity(model, tokens: Tensor, policy: MemoryPolicy, chunk_size: int = 128,
                         progress: bool = False) -> dict:
@@ -30,6 +38,7 @@ def evaluate_perplexity(model, tokens: Tensor, policy: MemoryPolicy, chunk_size:
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     if len(tokens) < 2:
         raise ValueError("perplexity needs at least 2 tokens")
+    check_perplexity_policy(policy)
     start = time.perf_counter()
     runner = MemoryRunner(model, policy, 1, chunk_size=chunk_size)
     total, previous = 0.0, None

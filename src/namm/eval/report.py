@@ -60,14 +60,15 @@ def _fmt(value, digits: int = 1) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """A markdown table of comparison rows (task, policy, budget, n, score, normalized_score,
-    cache_fraction, kv_bytes_peak_mean, prefill/decode tokens per second)."""
-    header = ("| task | policy | budget | n | score | normalised | cache fraction | KV MiB (peak, mean) "
+    """A markdown table of comparison rows (task, policy, budget, schedule, n, score,
+    normalized_score, cache_fraction, kv_bytes_peak_mean, prefill/decode tokens per second)."""
+    header = ("| task | policy | budget | schedule | n | score | normalised | cache fraction | KV MiB (peak, mean) "
               "| prefill tok/s | decode tok/s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r['task']} | {r['policy']} | {r.get('budget') or '–'} | {r['n']} | {_fmt(r['score'])} "
+            f"| {r['task']} | {r['policy']} | {r.get('budget') or '–'} | {r.get('schedule') or '–'} | {r['n']} "
+            f"| {_fmt(r['score'])} "
             f"| {_fmt(r.get('normalized_score'))} | {_fmt(r['cache_fraction'], 3)} "
             f"| {_fmt(r['kv_bytes_peak_mean'] / 2**20, 1)} | {_fmt(r['prefill_tokens_per_s'], 0)} "
             f"| {_fmt(r['decode_tokens_per_s'], 1)} |")
@@ -75,17 +76,17 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def mean_rows(rows: list[dict]) -> list[dict]:
-    """One row per (policy, budget) averaging score, normalised score, cache fraction, KV bytes
-    and speed over tasks (task = 'mean')."""
+    """One row per (policy, budget, schedule) averaging score, normalised score, cache fraction,
+    KV bytes and speed over tasks (task = 'mean')."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["policy"], r.get("budget")), []).append(r)
+        groups.setdefault((r["policy"], r.get("budget"), r.get("schedule")), []).append(r)
     out = []
-    for (policy, budget), rs in groups.items():
+    for (policy, budget, schedule), rs in groups.items():
         norms = [r["normalized_score"] for r in rs if r.get("normalized_score") is not None]
         mean = lambda key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
         out.append({
-            "task": "mean", "policy": policy, "budget": budget, "n": sum(r["n"] for r in rs),
+            "task": "mean", "policy": policy, "budget": budget, "schedule": schedule, "n": sum(r["n"] for r in rs),
             "score": mean("score"), "normalized_score": sum(norms) / len(norms) if norms else None,
             "cache_fraction": mean("cache_fraction"), "kv_bytes_peak_mean": mean("kv_bytes_peak_mean"),
             "prefill_tokens_per_s": mean("prefill_tokens_per_s"), "decode_tokens_per_s": mean("decode_tokens_per_s"),

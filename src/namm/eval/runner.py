@@ -6,7 +6,8 @@ Results go to an output folder that doubles as a resume point:
 * ``predictions.jsonl``: one row per finished sample (with a digest of the sample), appended and
   flushed as soon as its batch finishes, so an interrupted run loses at most the batch in flight.
   A rerun skips finished samples, so asking for more samples later only runs the new ones.
-* ``metrics.json``: the aggregate (score 0-100, cache fraction, KV bytes, tokens/s, wall time).
+* ``metrics.json``: the aggregate (score 0-100, cache fraction, KV bytes, tokens/s, wall time) and
+  the policy's compression schedule.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ def samples_digest(samples: list[Sample]) -> str:
 
 
 def policy_label(policy: MemoryPolicy) -> dict:
-    """Name and options of a policy, for config.json."""
+    """Name and options of a policy, for config.json, with its compression schedule when it evicts."""
     label = {"policy": policy.name}
     for key in ("budget", "n_up", "threshold", "checkpoint"):
         value = getattr(policy, key, None)
         if value is not None:
             label[key] = value if isinstance(value, (int, float, str)) else repr(value)
+    if policy.evicts:
+        label["schedule"] = policy.schedule
     return label
 
 
@@ -203,8 +206,8 @@ def evaluate(model, tokenizer, policy: MemoryPolicy, samples: list[Sample], out_
         bar.close()
         if handle is not None:
             handle.close()
-    metrics = {"task": task, "policy": label["policy"], "model": model_name, **aggregate([done[i] for i in ids]),
-               "policy_config": label, **(extra or {})}
+    metrics = {"task": task, "policy": label["policy"], "schedule": label.get("schedule"), "model": model_name,
+               **aggregate([done[i] for i in ids]), "policy_config": label, **(extra or {})}
     if out is not None:
         write_json(out / METRICS, metrics)
     return metrics

@@ -1,4 +1,4 @@
-"""Evolution of NAMM parameters with CMA-ES (NAMM_SPEC.md §7): optimiser, fitness, trainer.
+"""Evolution of NAMM parameters with CMA-ES (docs/algorithm.md §9): optimiser, fitness, trainer.
 
     from namm.evolve import EvolveConfig, Trainer
     trainer = Trainer(EvolveConfig(model="smollm2-135m", tasks=["passkey"], length=1024, generations=50),

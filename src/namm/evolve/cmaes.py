@@ -34,7 +34,7 @@ _PARTS = {"es": "", "sampler": "sm", "scaling": "sigma_vec", "step": "adapt_sigm
 
 @dataclass
 class CMAESConfig:
-    """CMA-ES settings; the defaults are the paper's (NAMM_SPEC.md §7)."""
+    """CMA-ES settings; the defaults are the paper's (docs/algorithm.md §9)."""
 
     num_params: int
     popsize: int = 32

@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from namm.evolve.distributed import Workers
+from namm.memory.driver import MemoryRunner, memory_attention_enabled
 from namm.memory.generation import generate, model_context, tokenize_prompts
 from namm.policies.base import MemoryPolicy, make_policy
 from namm.tasks.base import Sample
@@ -30,6 +31,7 @@ class TrainingPrompt:
     task: int
     sample: Sample
     token_ids: Tensor
+    answer_ids: Tensor | None = None  # the reference continuation's tokens (teacher-forced fitness)
 
     @property
     def key(self) -> str:
@@ -78,10 +80,36 @@ def normalised_fitness(
     return fitness
 
 
+def answer_ids(tokenizer, sample: Sample) -> Tensor:
+    """Token ids of the sample's reference continuation (:meth:`Sample.reference`), no special tokens."""
+    ids = tokenizer(sample.reference(), add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"sample {sample.id} has an empty reference answer")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def loglik_fitness(
+    loglik: Tensor, full_loglik: Tensor, tasks: Tensor, cache_fraction: Tensor | None = None,
+    memory: MemoryTerm | None = None,
+) -> Tensor:
+    """(P,) fitness from (P, n) member answer log-likelihoods (mean log-probability per answer
+    token) and the (n,) full-cache values on the same prompts: per task the mean of member minus
+    full cache, then the mean over tasks, minus the memory penalty. The full cache scores 0."""
+    gaps = [(loglik[:, tasks == task].double() - full_loglik[tasks == task].double()).mean(1)
+            for task in torch.unique(tasks)]
+    fitness = torch.stack(gaps).mean(0)
+    if memory is not None:
+        if cache_fraction is None:
+            raise ValueError("a memory term needs cache fractions")
+        fitness = fitness - memory.penalty(cache_fraction.double().mean(1))
+    return fitness
+
+
 def tokenize_samples(tokenizer, model, samples: list[tuple[int, Sample]]) -> list[TrainingPrompt]:
-    """Token ids for (task index, sample) pairs, checked against the model's context."""
+    """Token ids (and reference answer ids) for (task index, sample) pairs, checked against the
+    model's context."""
     ids = tokenize_prompts(tokenizer, [s.prompt for _, s in samples], model_context(model))
-    return [TrainingPrompt(task, sample, tok) for (task, sample), tok in zip(samples, ids)]
+    return [TrainingPrompt(task, sample, tok, answer_ids(tokenizer, sample)) for (task, sample), tok in zip(samples, ids)]
 
 
 @dataclass
@@ -103,9 +131,11 @@ class PopulationScorer:
         self.progress = progress and self.workers.is_main
         self.full_cache: dict[str, float] = {}
 
-    def _generate(self, prompt_ids: list[Tensor], sample: Sample, policy: MemoryPolicy):
-        return generate(self.model, self.tokenizer, prompt_ids, policy=policy, max_new_tokens=sample.max_new_tokens,
-                        chunk_size=self.chunk_size)
+    def _run(self, prompts: list[TrainingPrompt], policy: MemoryPolicy) -> list[tuple[float, float]]:
+        """(task score, cache fraction) of each prompt, one batch row each (equal answer lengths)."""
+        outs = generate(self.model, self.tokenizer, [p.token_ids for p in prompts], policy=policy,
+                        max_new_tokens=prompts[0].sample.max_new_tokens, chunk_size=self.chunk_size)
+        return [(score_sample(p.sample, out.text), out.cache_fraction) for p, out in zip(prompts, outs)]
 
     def members(self, params: Tensor, prompts: list[TrainingPrompt], batched: bool = True) -> Scores:
         """(P, n) scores of every population member on every prompt (same prompts for all).
@@ -125,9 +155,8 @@ class PopulationScorer:
                 p = prompts[i]
                 for rows in groups:
                     self.policy.set_population(mine[rows])
-                    for r, out in zip(rows, self._generate([p.token_ids] * len(rows), p.sample, self.policy)):
-                        scores[r, i] = score_sample(p.sample, out.text)
-                        fraction[r, i] = out.cache_fraction
+                    for r, (score, frac) in zip(rows, self._run([p] * len(rows), self.policy)):
+                        scores[r, i], fraction[r, i] = score, frac
                     bar.update()
         self.policy.set_population(None)
         return Scores(self.workers.gather_blocks(scores), self.workers.gather_blocks(fraction))
@@ -164,11 +193,40 @@ class PopulationScorer:
             for batch in batches:
                 if params is not None:
                     self.policy.set_population(params.reshape(1, -1).expand(len(batch), -1).contiguous())
-                outs = self._generate([prompts[i].token_ids for i in batch], prompts[batch[0]].sample, policy)
-                for i, out in zip(batch, outs):
-                    results[i] = (score_sample(prompts[i].sample, out.text), out.cache_fraction)
+                for i, result in zip(batch, self._run([prompts[i] for i in batch], policy)):
+                    results[i] = result
                 bar.update(len(batch))
         if params is not None:
             self.policy.set_population(None)
         merged = self.workers.gather_strided([results[i] for i in mine], len(prompts))
         return Scores(torch.tensor([[m[0] for m in merged]]), torch.tensor([[m[1] for m in merged]]))
+
+
+class LoglikScorer(PopulationScorer):
+    """Scores by the mean log-probability of each prompt's reference answer, teacher-forced under
+    real eviction (the prompt and the answer tokens go through the memory runtime, updates and all)."""
+
+    def _run(self, prompts: list[TrainingPrompt], policy: MemoryPolicy) -> list[tuple[float, float]]:
+        return teacher_forced_loglik(self.model, policy, prompts, self.chunk_size)
+
+
+@torch.inference_mode()
+def teacher_forced_loglik(model, policy: MemoryPolicy, prompts: list[TrainingPrompt],
+                          chunk_size: int = 128) -> list[tuple[float, float]]:
+    """(mean log-probability of the answer tokens, cache fraction at the end) of each prompt, one
+    batch row each, with ``policy`` managing the cache while the prompt and the answer are read."""
+    rows = [torch.cat([p.token_ids, p.answer_ids[:-1]]) for p in prompts]
+    longest = max(len(p.answer_ids) for p in prompts)
+    runner = MemoryRunner(model, policy, len(rows), chunk_size=chunk_size)
+    with memory_attention_enabled(model):
+        shared = runner.shareable(rows)
+        if shared:
+            runner.feed_shared(rows[0][:shared])
+        logits = runner.feed([r[shared:] for r in rows], all_logits=True, keep=longest)
+    counts = runner.cache.token_counts().cpu().double()
+    out = []
+    for b, p in enumerate(prompts):
+        A = len(p.answer_ids)
+        logp = torch.log_softmax(logits[b][-A:].float(), dim=-1).gather(-1, p.answer_ids.to(logits[b].device)[:, None])
+        out.append((float(logp.mean()), float(counts[:, b].mean() / runner.seen[b])))
+    return out

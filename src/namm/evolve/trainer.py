@@ -4,7 +4,7 @@ A run directory holds everything needed to continue:
 
 * ``run.json`` — the configuration and where the run started from (``--init-from``);
 * ``normalization/`` — the all-zero NAMM checkpoint carrying the frozen feature statistics,
-  calibrated once at the start (NAMM_SPEC.md §4.3) or inherited from the previous stage;
+  calibrated once at the start (docs/algorithm.md §4) or inherited from the previous stage;
 * ``state/`` — CMA-ES state (safetensors + JSON, see :mod:`namm.evolve.cmaes`) and the trainer
   counters, replaced atomically after every generation;
 * ``best/`` — the NAMM checkpoint of the best CMA-ES *mean* evaluated so far;
@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from namm.evolve.cmaes import CMAES, CMAESConfig
 from namm.evolve.distributed import Workers
-from namm.evolve.fitness import MemoryTerm, PopulationScorer, TrainingPrompt, normalised_fitness, tokenize_samples
+from namm.evolve.fitness import (LoglikScorer, MemoryTerm, PopulationScorer, Scores, TrainingPrompt, loglik_fitness,
+                                 normalised_fitness, tokenize_samples)
 from namm.evolve.log import TrainingLog
 
 RUN_FILE = "run.json"
@@ -41,7 +42,7 @@ class EvolveConfig:
 
     model: str
     tasks: list[str]
-    length: int
+    length: int | list[int]  # prompt length(s); a task's pool is spread evenly over them
     generations: int
     prompts_per_task: int = 8
     train_prompts: int = 32  # fixed pool of prompts per task; each generation draws from it
@@ -56,13 +57,31 @@ class EvolveConfig:
     memory_weight: float = 1.0
     n_up: int = 512
     scorer: str = "bam"
+    hidden: list[int] | None = None  # hidden sizes of the "mlp" scorer (default: linear)
     batched: bool = True
     init_from: str | None = None
+    fitness: str = "task"  # "loglik" (answer log-likelihood vs full cache) or "task" (task metric ratio)
+    evaluator: str = "real"  # "proxy" (recorded once per prompt, loglik only) or "real" (real eviction)
+    budgets: list[float] | None = None  # budget mode: each generation draws a budget in [lo, hi]
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("at least one training task is needed")
-        for name, value in [("length", self.length), ("generations", self.generations),
+        if self.fitness not in ("loglik", "task"):
+            raise ValueError(f"--fitness must be 'loglik' or 'task', got {self.fitness!r}")
+        if self.evaluator not in ("proxy", "real"):
+            raise ValueError(f"--evaluator must be 'proxy' or 'real', got {self.evaluator!r}")
+        if self.evaluator == "proxy" and self.fitness != "loglik":
+            raise ValueError("the proxy evaluator scores answer log-likelihoods: use --fitness loglik")
+        if self.budgets is not None:
+            self.budgets = [float(b) for b in self.budgets]
+            if len(self.budgets) != 2 or not 0 < self.budgets[0] <= self.budgets[1] <= 1:
+                raise ValueError(f"--budgets must be two fractions 0 < lo <= hi <= 1, got {self.budgets}")
+            if self.memory_target is not None:
+                raise ValueError("budget mode holds the memory fixed: drop --memory-target")
+        if self.scorer != "mlp" and self.hidden:
+            raise ValueError("--hidden sizes apply to the mlp scorer only")
+        for name, value in [("length", min(self.lengths)), ("generations", self.generations),
                             ("prompts-per-task", self.prompts_per_task), ("eval-every", self.eval_every),
                             ("eval-batch-size", self.eval_batch_size), ("train-prompts", self.train_prompts)]:
             if value < 1:
@@ -70,13 +89,25 @@ class EvolveConfig:
         if self.prompts_per_task > self.train_prompts:
             raise ValueError(f"--prompts-per-task ({self.prompts_per_task}) exceeds --train-prompts "
                              f"({self.train_prompts})")
-        if self.length <= self.n_up:
-            raise ValueError(f"--length ({self.length}) must exceed --n-up ({self.n_up}): shorter prompts see no "
-                             f"memory update, so every NAMM keeps everything")
+        if min(self.lengths) <= self.n_up:
+            raise ValueError(f"--length ({min(self.lengths)}) must exceed --n-up ({self.n_up}): shorter prompts see "
+                             f"no memory update, so every NAMM keeps everything")
         if self.elite is None:
             self.elite = self.population // 2
         CMAESConfig(num_params=1, popsize=self.population, elite=self.elite, sigma0=self.sigma0)  # validates
         self.memory  # validates the memory term
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.length] if isinstance(self.length, int) else [int(n) for n in self.length]
+
+    @property
+    def scorer_spec(self) -> str | dict:
+        return {"kind": "mlp", "hidden": list(self.hidden or [])} if self.scorer == "mlp" else self.scorer
+
+    @property
+    def mode(self) -> str:
+        return "threshold" if self.budgets is None else "budget"
 
     @property
     def memory(self) -> MemoryTerm | None:
@@ -97,7 +128,7 @@ class TrainerState:
 def build_policy(checkpoint: str | Path, config: EvolveConfig):
     from namm.policies.base import make_policy
 
-    return make_policy("namm", checkpoint=str(checkpoint), n_up=config.n_up, scorer=config.scorer)
+    return make_policy("namm", checkpoint=str(checkpoint), n_up=config.n_up, scorer=config.scorer_spec)
 
 
 class Trainer:
@@ -124,10 +155,13 @@ class Trainer:
         from namm.tasks.base import get_task
 
         samples = []
+        lengths = self.config.lengths
         for t, name in enumerate(self.config.tasks):
             task = get_task(name)
-            samples += [(t, s) for s in task.samples(self.tokenizer, self.config.length, self.config.train_prompts,
-                                                     seed=self.config.seed)]
+            for j, length in enumerate(lengths):
+                count = self.config.train_prompts // len(lengths) + (j < self.config.train_prompts % len(lengths))
+                if count:
+                    samples += [(t, s) for s in task.samples(self.tokenizer, length, count, seed=self.config.seed)]
         return tokenize_samples(self.tokenizer, self.model, samples)
 
     def start(self) -> None:
@@ -181,13 +215,40 @@ class Trainer:
 
     def _build_scorer(self) -> None:
         self.policy = build_policy(self.out / "normalization", self.config)
-        self.scorer = PopulationScorer(self.model, self.tokenizer, self.policy, self.workers, progress=self.progress)
-        self.scorer.full_cache.update(self.state.full_cache)
+        if self.config.evaluator == "proxy":
+            from namm.evolve.proxy import ProxyScorer
+
+            self.scorer = ProxyScorer(self.model, self.policy, self.workers, progress=self.progress)
+        else:
+            kind = LoglikScorer if self.config.fitness == "loglik" else PopulationScorer
+            self.scorer = kind(self.model, self.tokenizer, self.policy, self.workers, progress=self.progress)
+        if self.config.evaluator == "real":  # proxy references differ from real ones: not carried over
+            self.scorer.full_cache.update(self.state.full_cache)
+
+    def fitness(self, scores, full, tasks) -> torch.Tensor:
+        """(P,) fitness of (P, n) scores against the (n,) full-cache values (see ``config.fitness``)."""
+        combine = loglik_fitness if self.config.fitness == "loglik" else normalised_fitness
+        return combine(scores.scores, full, tasks, scores.cache_fraction, self.config.memory)
+
+    def generation_budget(self, generation: int) -> float | None:
+        """Budget mode: the budget of ``generation``, drawn uniformly in ``config.budgets`` from a
+        generator seeded by the run seed and the generation (the same after a resume)."""
+        if self.config.budgets is None:
+            return None
+        lo, hi = self.config.budgets
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + generation + 500_009)
+        return round(lo + (hi - lo) * float(torch.rand((), generator=gen)), 4)
+
+    def eval_budgets(self) -> list[float | None]:
+        """Budgets the CMA-ES mean is evaluated at: both ends of the range (None: threshold mode)."""
+        return [None] if self.config.budgets is None else list(dict.fromkeys(self.config.budgets))
 
     def _provenance(self, generation: int, fitness: float | None) -> dict:
         return {"model": self.model_name, "tasks": self.config.tasks, "length": self.config.length,
                 "generation": generation, "mean_fitness": fitness, "population": self.config.population,
-                "separable": self.config.separable, "seed": self.config.seed, "trainer": "namm evolve"}
+                "separable": self.config.separable, "seed": self.config.seed, "trainer": "namm evolve",
+                "fitness": self.config.fitness, "evaluator": self.config.evaluator, "mode": self.config.mode,
+                "budgets": self.config.budgets}
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -208,13 +269,16 @@ class Trainer:
         prompts = self.generation_prompts(generation)
         full = self.scorer.full(prompts, self.config.eval_batch_size)
         params = self.cmaes.ask()
+        budget = self.generation_budget(generation)
+        self.policy.set_budget(budget)
         result = self.scorer.members(params, prompts, batched=self.config.batched)
+        self.policy.set_budget(None)
         tasks = torch.tensor([p.task for p in prompts])
-        fitness = normalised_fitness(result.scores, full, tasks, result.cache_fraction, self.config.memory)
+        fitness = self.fitness(result, full, tasks)
         self.cmaes.tell(fitness)
         self.state.stage_generation += 1
         row = {
-            "generation": self.cmaes.generation, "stage_generation": self.state.stage_generation,
+            "generation": self.cmaes.generation, "stage_generation": self.state.stage_generation, "budget": budget,
             "fitness_best": float(fitness.max()), "fitness_mean": float(fitness.mean()),
             "fitness_median": float(fitness.median()), "sigma": self.cmaes.sigma,
             "cache_fraction_mean": float(result.cache_fraction.mean()),
@@ -243,9 +307,13 @@ class Trainer:
 
         full = self.scorer.full(self.pool, self.config.eval_batch_size)
         mean = self.cmaes.mean
-        result = self.scorer.vector(mean, self.pool, self.config.eval_batch_size)
-        fitness = float(normalised_fitness(result.scores, full, self.tasks, result.cache_fraction,
-                                           self.config.memory)[0])
+        results = []
+        for budget in self.eval_budgets():
+            self.policy.set_budget(budget)
+            results.append(self.scorer.vector(mean, self.pool, self.config.eval_batch_size))
+        self.policy.set_budget(None)
+        result = Scores(torch.cat([r.scores for r in results], 1), torch.cat([r.cache_fraction for r in results], 1))
+        fitness = float(self.fitness(result, full.repeat(len(results)), self.tasks.repeat(len(results)))[0])
         improved = self.state.best_fitness is None or fitness > self.state.best_fitness
         if improved:
             self.state.best_fitness, self.state.best_generation = fitness, self.cmaes.generation
@@ -256,7 +324,10 @@ class Trainer:
                 tmp = self.out / "best.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 norm = self.policy.normalization
-                save_namm_checkpoint(tmp, mean, norm.mean, norm.std, self.policy.config(), provenance)
+                config = self.policy.config()
+                if self.config.budgets is not None:
+                    config["selection"].update(mode="budget", budgets=self.config.budgets)
+                save_namm_checkpoint(tmp, mean, norm.mean, norm.std, config, provenance)
                 shutil.rmtree(self.out / "best", ignore_errors=True)
                 tmp.rename(self.out / "best")
         return {"eval_fitness": fitness, "eval_cache_fraction": float(result.cache_fraction.mean()),

@@ -35,12 +35,17 @@ class LessPolicy(MemoryPolicy):
         self.query_window = inner.query_window
         self.n_up = inner.n_up
         self.evicts = inner.evicts
+        self.schedule = inner.schedule
         self.state = LessState(kernels.config.num_layers, 1)
 
     def __getattr__(self, item: str):  # budget, set_population, ... of the wrapped policy
         if item == "inner":
             raise AttributeError(item)
         return getattr(self.inner, item)
+
+    def bind(self, model) -> None:
+        self.inner.bind(model)
+        self.query_window, self.n_up = self.inner.query_window, self.inner.n_up
 
     def reset(self, batch_size: int) -> None:
         self.inner.reset(batch_size)

@@ -76,6 +76,15 @@ class MemoryLayer(CacheLayerMixin):
         self.positions = self._append("positions", new_positions[:, None, :].expand(B, H, -1))
         return self.keys, self.values
 
+    def assign(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Replace the layer's contents with (B, H, K, D) keys and values at (B, H, K) positions
+        (-1 = empty slot, packed per head in temporal order); state and buffered queries are cleared."""
+        self._stores.clear()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values, self.positions = keys, values, positions
+        self.state, self.queries, self.query_positions = {}, None, None
+        self.is_initialized = True
+
     def _append(self, name: str, new: Tensor, dim: int = 2) -> Tensor:
         """``getattr(self, name)`` with ``new`` appended along ``dim`` (the slot or query axis).
 

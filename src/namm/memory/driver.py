@@ -1,10 +1,12 @@
 """The driver: chunked prefill, memory updates on schedule, and the decode loop.
 
 Every row of a batch keeps its own count of tokens seen. A step feeds each row the tokens up to
-its next boundary (a multiple of the chunk size or of the policy's ``n_up``); rows with fewer
-tokens are left-padded inside the step, and the padding is masked out and later dropped. A row
-is updated when its count of tokens seen reaches a multiple of ``n_up``, in prefill and in
-decoding alike, so a batch gives each row exactly what it would get alone.
+its next boundary (a multiple of the chunk size or, on the progressive schedule, of the policy's
+``n_up``); rows with fewer tokens are left-padded inside the step, and the padding is masked out
+and later dropped. On the progressive schedule a row is updated when its count of tokens seen
+reaches a multiple of ``n_up``, in prefill and in decoding alike, so a batch gives each row
+exactly what it would get alone. On the prompt-end schedule feeding never updates: the caller
+runs :meth:`MemoryRunner.end_prompt` once, after every row's whole prompt.
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ def memory_attention_enabled(model: PreTrainedModel) -> Iterator[None]:
 
 @dataclass
 class UpdateRecord:
-    """Cache size of every layer right after one memory update of one row."""
+    """Cache size of every layer, and the KV bytes held, right after one memory update of one row
+    (``kv_bytes_full``: what the full cache would hold then)."""
 
     row: int
     tokens_seen: int
     tokens_per_layer: list[int]
+    kv_bytes: int
+    kv_bytes_full: int
 
 
 @dataclass
@@ -62,6 +67,7 @@ class MemoryRunner:
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
+        self.policy.bind(self.model)
         device = self.model.device
         self.cache = MemoryCache(self.model.config.num_hidden_layers, self.batch_size, device)
         self.cache.query_window = self.policy.query_window if self.policy.evicts else 0
@@ -71,16 +77,23 @@ class MemoryRunner:
         self.kv_bytes_peak = torch.zeros(self.batch_size, dtype=torch.long)
         self.policy.reset(self.batch_size)
 
+    @property
+    def progressive(self) -> bool:
+        """Whether feeding tokens triggers memory updates (every ``n_up`` tokens seen)."""
+        return self.policy.evicts and self.policy.schedule == "progressive"
+
     def _next_boundary(self, seen: int) -> int:
         nxt = (seen // self.chunk_size + 1) * self.chunk_size
-        if self.policy.evicts:
+        if self.progressive:
             nxt = min(nxt, (seen // self.policy.n_up + 1) * self.policy.n_up)
         return nxt
 
-    def feed(self, rows_tokens: list[Tensor], progress=None, all_logits: bool = False) -> Tensor | list[Tensor]:
+    def feed(self, rows_tokens: list[Tensor], progress=None, all_logits: bool = False,
+             keep: int = 0) -> Tensor | list[Tensor]:
         """Feed each row its tokens (1-D tensors, possibly empty); returns (B, vocab) logits of each
         row's last fed token (rows fed nothing get zeros), or with ``all_logits`` a list holding,
-        per row, the (n_b, vocab) float32 logits of every token fed."""
+        per row, the (n_b, vocab) float32 logits of every token fed (with ``keep`` > 0: of at most
+        the last ``keep`` tokens of each forward step, the others are never computed)."""
         if len(rows_tokens) != self.batch_size:
             raise ValueError(f"expected {self.batch_size} rows, got {len(rows_tokens)}")
         done = [0] * self.batch_size
@@ -96,11 +109,12 @@ class MemoryRunner:
             if width == 0:
                 break
             logits = self._step([rows_tokens[b][done[b]:done[b] + takes[b]] for b in range(self.batch_size)], width,
-                                all_logits)
+                                all_logits, keep)
             if all_logits:
+                kept = logits.shape[1]
                 for b, t in enumerate(takes):
                     if t:
-                        every[b].append(logits[b, width - t:])
+                        every[b].append(logits[b, kept - min(t, kept):])
                 logits = logits[:, -1]
             if last_logits is None:
                 last_logits = torch.zeros_like(logits)
@@ -108,7 +122,7 @@ class MemoryRunner:
             last_logits[fed] = logits[fed]
             for b, t in enumerate(takes):
                 done[b] += t
-            due = fed & (self.seen % self.policy.n_up == 0) if self.policy.evicts else fed & False
+            due = fed & (self.seen % self.policy.n_up == 0) if self.progressive else fed & False
             if bool(due.any()):
                 self.update(due.nonzero().flatten())
             if progress is not None:
@@ -118,6 +132,25 @@ class MemoryRunner:
             return [torch.cat(parts) if parts else torch.zeros(0, vocab) for parts in every]
         return last_logits
 
+    def end_prompt(self) -> None:
+        """Every row's whole prompt has been fed: a policy on the prompt-end schedule compresses
+        every row now, once, before the first generated token (other policies: nothing happens)."""
+        if self.policy.evicts and self.policy.schedule == "prompt-end":
+            self.update(torch.arange(self.batch_size))
+            self.cache.query_window = 0  # no later update would read buffered queries
+
+    def preload(self, layers: list[tuple[Tensor, Tensor, Tensor]], seen: int) -> None:
+        """Start every row from a given cache: per layer (keys, values, positions) as in
+        :meth:`MemoryLayer.assign`, after ``seen`` tokens (also taken as the last update)."""
+        if bool(self.seen.any()):
+            raise ValueError("preload needs rows that have seen no token yet")
+        if len(layers) != len(self.cache.layers):
+            raise ValueError(f"expected {len(self.cache.layers)} layers, got {len(layers)}")
+        for layer, (keys, values, positions) in zip(self.cache.layers, layers):
+            layer.assign(keys, values, positions)
+        self.seen.fill_(seen)
+        self.previous_update.fill_(seen)
+
     def shareable(self, rows_tokens: list[Tensor]) -> int:
         """How many leading tokens :meth:`feed_shared` may compute once for these (fresh) rows:
         all rows identical, at least one token left per row, and none past the first update."""
@@ -125,7 +158,7 @@ class MemoryRunner:
         if self.batch_size < 2 or bool(self.seen.any()) or any(not torch.equal(t, first) for t in rows_tokens[1:]):
             return 0
         limit = len(first) - 1
-        return min(limit, self.policy.n_up - 1) if self.policy.evicts else limit
+        return min(limit, self.policy.n_up - 1) if self.progressive else limit
 
     def feed_shared(self, tokens: Tensor) -> None:
         """Feed the same ``tokens`` to every fresh row by running the model on one row and copying
@@ -133,7 +166,7 @@ class MemoryRunner:
         tokens before the first memory update once). At most :meth:`shareable` tokens."""
         if bool(self.seen.any()):
             raise ValueError("feed_shared needs rows that have seen no token yet")
-        if self.policy.evicts and len(tokens) >= self.policy.n_up:
+        if self.progressive and len(tokens) >= self.policy.n_up:
             raise ValueError(f"only the tokens before the first memory update ({self.policy.n_up}) can be shared")
         rows = self.batch_size
         self.batch_size, self.seen = 1, self.seen[:1]
@@ -144,9 +177,9 @@ class MemoryRunner:
             self.seen = self.seen.repeat(rows)
         self.cache.repeat_rows(rows)
 
-    def _step(self, pieces: list[Tensor], width: int, all_logits: bool = False) -> Tensor:
+    def _step(self, pieces: list[Tensor], width: int, all_logits: bool = False, keep: int = 0) -> Tensor:
         """One forward over a left-padded (B, width) step; (B, vocab) last logits, or (B, width,
-        vocab) with ``all_logits``."""
+        vocab) with ``all_logits`` ((B, min(keep, width), vocab) with ``keep`` > 0)."""
         device = self.model.device
         ids = torch.zeros(self.batch_size, width, dtype=torch.long)
         positions = torch.full((self.batch_size, width), -1, dtype=torch.long)
@@ -158,7 +191,7 @@ class MemoryRunner:
         self.cache.step_positions = positions.to(device)
         out = self.model(
             input_ids=ids.to(device), position_ids=positions.clamp(min=0).to(device), past_key_values=self.cache,
-            use_cache=True, logits_to_keep=0 if all_logits else 1, namm_memory=self.cache,
+            use_cache=True, logits_to_keep=(min(keep, width) if keep else 0) if all_logits else 1, namm_memory=self.cache,
         )
         self.seen += torch.tensor([len(p) for p in pieces])
         if bool((positions < 0).any()):
@@ -202,9 +235,10 @@ class MemoryRunner:
             layer.clear_queries(rows_dev)
         self.previous_update[rows] = self.seen[rows]
         if self.record_history:
-            counts = self.cache.token_counts().cpu()
+            counts, held, full = self.cache.token_counts().cpu(), self.kv_bytes(), self.kv_bytes_full()
             for r in rows.tolist():
-                self.history.append(UpdateRecord(r, int(self.seen[r]), counts[:, r].tolist()))
+                self.history.append(UpdateRecord(r, int(self.seen[r]), counts[:, r].tolist(), int(held[r]),
+                                                 int(full[r])))
         self.policy_seconds += time.perf_counter() - start
 
     def kv_bytes(self) -> Tensor:

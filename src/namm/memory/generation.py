@@ -132,7 +132,8 @@ def generate(
     Stops at the model's end-of-sequence token, at any ``stop`` string, or after
     ``max_new_tokens``. A prompt is text or token ids. A list of prompts returns one output per
     prompt, each identical to what the prompt would give alone. ``eos_token_id`` overrides the
-    model's end-of-sequence ids (None: never stop early).
+    model's end-of-sequence ids (None: never stop early). A policy on the prompt-end schedule
+    compresses once, after the whole prompt and before the first generated token.
     """
     single = isinstance(prompt, str) or (isinstance(prompt, Tensor) and prompt.dim() == 1) or (
         isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int))
@@ -161,6 +162,7 @@ def generate(
                 runner.feed_shared(ids[0][:shared])
                 bar.update(shared * B)
             logits = runner.feed([x[shared:] for x in ids], progress=bar)
+        runner.end_prompt()
         t1 = time.perf_counter()
         for step in tqdm(range(max(budget, default=0)), desc="decode", unit="tok", disable=not progress, leave=False):
             history = torch.stack([torch.tensor(g[-1:] or [0]) for g in generated])

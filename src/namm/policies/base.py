@@ -91,15 +91,26 @@ class Budget:
             raise ValueError(f"budget must be a fraction in (0, 1] or a token count >= 2, got {value!r}")
 
     def capacity(self, tokens_seen: Tensor) -> Tensor:
-        """(B,) int64 number of tokens each row may keep per head after an update (at least 1)."""
+        """(B,) int64 number of tokens each row may keep per head after an update: at most
+        ``fraction * tokens_seen`` (so the memory never exceeds the budget), at least 1."""
         if self.tokens is not None:
             cap = torch.full_like(tokens_seen, self.tokens)
         else:
-            cap = torch.ceil(tokens_seen.double() * self.fraction).long()
+            cap = torch.floor(tokens_seen.double() * self.fraction).long()
         return cap.clamp(min=1)
 
     def __repr__(self) -> str:
         return f"Budget({self.tokens if self.tokens is not None else self.fraction})"
+
+
+SCHEDULES = ("progressive", "prompt-end")
+
+
+def check_schedule(schedule: str) -> str:
+    """``schedule`` if it names a compression schedule (see :class:`MemoryPolicy`), else a ValueError."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    return schedule
 
 
 def budget_policy_init(policy) -> None:
@@ -123,12 +134,31 @@ class MemoryPolicy:
     Subclasses set ``name``, declare how many of the latest queries they need buffered through
     ``query_window`` (0: none; ``None``: every query since the previous update) and implement
     :meth:`select`.
+
+    ``schedule`` says when the runtime compresses: ``"progressive"`` every ``n_up`` tokens seen,
+    prompt and generation alike; ``"prompt-end"`` once, after the whole prompt is prefilled and
+    before the first generated token (decoding then only appends). ``default_schedule`` is the
+    schedule of the policy's paper; assigning ``schedule`` validates it.
     """
 
     name: ClassVar[str] = "base"
+    default_schedule: ClassVar[str] = "progressive"
     query_window: int | None = 0
     n_up: int = 512
     evicts: bool = True  # False: the runtime never calls select (keep-everything policies)
+
+    @property
+    def schedule(self) -> str:
+        """When the runtime compresses: "progressive" or "prompt-end"."""
+        return self.__dict__.get("_schedule", self.default_schedule)
+
+    @schedule.setter
+    def schedule(self, value: str) -> None:
+        self.__dict__["_schedule"] = check_schedule(value)
+
+    def bind(self, model) -> None:
+        """Called with the model before a run, before ``n_up`` / ``query_window`` are read (a policy
+        whose defaults depend on the model resolves them here)."""
 
     def reset(self, batch_size: int) -> None:
         """Called before each generation with the number of rows."""
@@ -187,13 +217,18 @@ def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_policy(name: str, less=None, **options) -> MemoryPolicy:
-    """Build a registered policy by name, e.g. ``make_policy("h2o", budget=0.25)``. ``less`` (a
-    shipped LESS kernel name, a checkpoint path or kernels) wraps it with a LESS low-rank memory."""
+def make_policy(name: str, less=None, schedule: str | None = None, **options) -> MemoryPolicy:
+    """Build a registered policy by name, e.g. ``make_policy("h2o", budget=0.25)``. ``schedule``
+    ("progressive" or "prompt-end") overrides the policy's own default. ``less`` (a shipped LESS
+    kernel name, a checkpoint path or kernels) wraps it with a LESS low-rank memory."""
     names = policy_names()
     if name not in _REGISTRY:
         raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(names)}")
+    if schedule is not None:
+        check_schedule(schedule)
     policy = _REGISTRY[name](**options)
+    if schedule is not None:
+        policy.schedule = schedule
     if less is None:
         return policy
     from namm.less.policy import LessPolicy

@@ -3,7 +3,9 @@ Pyramidal Information Funneling", arXiv 2406.02069).
 
 SnapKV's scores, but the budget is spread over layers as an arithmetic progression: lower layers,
 whose attention is broad, get more tokens; upper layers, whose attention is focused, get fewer.
-The mean over layers equals the budget; the top layer gets ``budget / beta``.
+The layer sizes sum to at most the budget times the number of layers (the same memory as any
+other policy at that budget); the top layer gets ``budget / beta`` (at least one token). Like
+SnapKV it compresses once, at the end of the prompt, by default.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from namm.policies.snapkv import snapkv_scores
 
 
 def pyramid_capacity(mean_cap: Tensor, layer_idx: int, num_layers: int, beta: float) -> Tensor:
-    """Per-row tokens for one layer so that the mean over layers is ``mean_cap``."""
-    low = mean_cap.double() / beta
-    high = 2 * mean_cap.double() - low
-    frac = layer_idx / max(num_layers - 1, 1)
-    return torch.round(high - (high - low) * frac).long().clamp(min=1)
+    """Per-row tokens for one layer: an arithmetic progression over layers, from
+    ``2 * mean_cap - low`` at the bottom to ``low = max(mean_cap / beta, 1)`` at the top, rounded
+    down, so the sum over layers never exceeds ``num_layers * mean_cap``."""
+    mean = mean_cap.double()
+    low = (mean / beta).clamp(min=1)
+    high = 2 * mean - low
+    frac = layer_idx / (num_layers - 1) if num_layers > 1 else 0.5  # one layer: the mean
+    return torch.floor(high - (high - low) * frac).long()
 
 
 @register_policy("pyramidkv")
@@ -36,6 +41,7 @@ class PyramidKVPolicy(MemoryPolicy):
     beta: float = 20.0
     n_up: int = 512
     name = "pyramidkv"
+    default_schedule = "prompt-end"
 
     def __post_init__(self) -> None:
         budget_policy_init(self)

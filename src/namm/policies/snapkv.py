@@ -3,7 +3,9 @@ Generation", arXiv 2404.14469).
 
 The last ``window`` queries (the observation window) vote for the keys they attend to; votes are
 smoothed with a max-pool of width ``kernel`` so neighbouring tokens survive together; each head
-keeps the observation window itself plus the best-voted keys up to the budget.
+keeps the observation window itself plus the best-voted keys up to the budget. As in the paper,
+it compresses once, at the end of the prompt (schedule "prompt-end"), so the window holds the
+prompt's last tokens: the question.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class SnapKVPolicy(MemoryPolicy):
     kernel: int = 7
     n_up: int = 512
     name = "snapkv"
+    default_schedule = "prompt-end"
 
     def __post_init__(self) -> None:
         budget_policy_init(self)

@@ -27,6 +27,17 @@ class Sample:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def reference(self) -> str:
+        """The reference continuation of the prompt, for teacher-forced scoring: the answers joined
+        by ", ", without a leading word the prompt already ends with ("... Paragraph" + "Paragraph 3"
+        gives " 3"), after a space unless the prompt ends in a space or an opening quote/bracket."""
+        text = ", ".join(self.answers).strip()
+        words = self.prompt.rstrip().split()
+        last = words[-1] if words else ""
+        if last and text.split(" ", 1)[0] == last:
+            text = text[len(last):].lstrip()
+        return text if self.prompt[-1:].isspace() or self.prompt[-1:] in "\"'([{" else " " + text
+
 
 class Task(Protocol):
     """A benchmark task: a name, a description and a deterministic sample generator."""

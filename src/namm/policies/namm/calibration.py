@@ -1,4 +1,4 @@
-"""Calibration of the NAMM normalisation statistics (NAMM_SPEC.md §4.3).
+"""Calibration of the NAMM normalisation statistics (docs/algorithm.md §4).
 
 Runs the keep-everything NAMM feature pipeline over prompts and pools, per frequency bin, the
 mean and variance of the un-normalised spectrogram EMA over layers, heads, tokens, updates and

@@ -109,6 +109,15 @@ def shipped_checkpoints() -> list[str]:
     return [ZEROS, *names]
 
 
+def shipped_namm_for(model_name: str | None) -> str:
+    """The name of the NAMM shipped for a registry model; a one-line error when there is none."""
+    if model_name is not None and (shipped_dir() / f"{model_name}.json").is_file():
+        return model_name
+    which = f"model {model_name!r}" if model_name else "this model (not a namm registry model)"
+    raise ValueError(f"no NAMM is shipped for {which}: evolve one with `namm evolve` (or start from "
+                     f"`namm calibrate`) and pass it with --checkpoint, or use --checkpoint zeros to keep everything")
+
+
 def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
     """(tensors file, JSON file) of a checkpoint path: either file of a pair, or a directory."""
     path = Path(path).expanduser()

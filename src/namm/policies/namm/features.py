@@ -5,7 +5,7 @@ last ``n_up`` queries (GQA-averaged, in time order). Prepended with the last ``c
 the token's previous signal (zeros for new tokens), it goes through an STFT (periodic Hann window
 32, hop 16, no centring, magnitude: 32 frames x 17 bins), the frames are folded into an
 exponential moving average that carries over between updates, and the normalised EMA is joined
-to a sinusoidal embedding of the token's recency. See NAMM_SPEC.md §3-4.
+to a sinusoidal embedding of the token's recency. See docs/algorithm.md §3-4.
 
 Everything runs in float32 over (batch, heads, tokens) at once; the STFT is one batched matmul
 of a fixed (window -> real/imag bins) basis with strided frames of the attention tensor, in the
@@ -31,7 +31,7 @@ CHUNK_TOKENS = 8192  # (row, head, token) signals transformed at once
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    """Constants of the feature pipeline (defaults: the paper setting of NAMM_SPEC.md §4)."""
+    """Constants of the feature pipeline (defaults: the paper setting of docs/algorithm.md §4)."""
 
     n_up: int = 512  # queries per signal = tokens between memory updates
     window: int = 32  # STFT window (periodic Hann)

@@ -4,7 +4,9 @@ Transformer Memory", arXiv 2410.13166).
 At every update each layer's tokens get a feature vector from the attention they received
 (spectrogram EMA + recency, see ``features.py``), a scoring network (BAM or MLP) scores them
 and the tokens scoring at or above the threshold are kept (``selection.py``). The memory size
-is emergent; ``max_tokens`` / ``max_fraction`` optionally cap it.
+is emergent; ``max_tokens`` / ``max_fraction`` optionally cap it. In budget mode (``budget=b``)
+the scores only rank the tokens: each layer keeps its top-scored tokens within the budget, the
+same memory a baseline gets at that budget (docs/algorithm.md §6).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 from torch import Tensor
 
 from namm.policies.base import Budget, LayerView, MemoryPolicy, register_policy
-from namm.policies.namm.checkpoint import NAMMCheckpoint, load_namm_checkpoint, namm_config, zeros_checkpoint
+from namm.policies.namm.checkpoint import (NAMMCheckpoint, load_namm_checkpoint, namm_config, shipped_namm_for,
+                                          zeros_checkpoint)
 from namm.policies.namm.features import Normalization, layer_features, token_features
 from namm.policies.namm.scorers import make_scorer
 from namm.policies.namm.selection import select_tokens
@@ -24,26 +27,56 @@ from namm.policies.namm.selection import select_tokens
 @register_policy("namm")
 @dataclass(eq=False)
 class NAMMPolicy(MemoryPolicy):
-    """NAMM eviction. ``checkpoint``: "zeros", a shipped name, a path, or a loaded
-    :class:`NAMMCheckpoint`. ``threshold`` / ``n_up`` default to the checkpoint's values;
-    ``scorer`` ("bam" or "mlp") picks the architecture of the "zeros" checkpoint and must match a
-    loaded one. ``max_tokens`` (>= 2) or ``max_fraction`` (in (0, 1]) cap each layer's cache."""
+    """NAMM eviction. ``checkpoint``: None (the default: the checkpoint shipped for the model the
+    policy runs on, resolved when the runtime binds it to a model), "zeros" (the all-zero NAMM,
+    which keeps everything), a shipped name, a path, or a loaded :class:`NAMMCheckpoint`.
+    ``threshold`` / ``n_up`` default to the checkpoint's values; ``scorer`` ("bam" or "mlp") picks
+    the architecture of the "zeros" checkpoint and must match a loaded one. ``max_tokens`` (>= 2)
+    or ``max_fraction`` (in (0, 1]) cap each layer's cache. ``budget`` (a fraction of tokens seen
+    or a token count) switches to budget mode: no threshold, each layer keeps exactly its
+    top-scored tokens up to the budget."""
 
-    checkpoint: str | NAMMCheckpoint = "zeros"
+    checkpoint: str | NAMMCheckpoint | None = None
     threshold: float | None = None
     max_tokens: int | None = None
     max_fraction: float | None = None
     n_up: int | None = None
     scorer: str | dict | None = None
+    budget: float | int | str | None = None
     name = "namm"
 
     def __post_init__(self) -> None:
-        if isinstance(self.checkpoint, NAMMCheckpoint):
-            ckpt = self.checkpoint
-        elif self.checkpoint == "zeros":
+        if self.n_up is not None and int(self.n_up) < 1:
+            raise ValueError(f"n_up must be >= 1, got {self.n_up}")
+        if self.budget is not None and self.threshold is not None:
+            raise ValueError("give either a threshold (threshold mode) or a budget (budget mode), not both")
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or int(self.max_tokens) < 2):
+            raise ValueError(f"max_tokens must be an integer >= 2, got {self.max_tokens!r}")
+        if self.max_fraction is not None and not 0 < float(self.max_fraction) <= 1:
+            raise ValueError(f"max_fraction must be in (0, 1], got {self.max_fraction!r}")
+        if self.budget is not None and not isinstance(self.budget, Budget):
+            Budget(self.budget)  # validates now, before any model is loaded
+        if self.scorer is not None:
+            make_scorer(self.scorer, 1)
+        self.loaded_checkpoint: NAMMCheckpoint | None = None
+        self.population: Tensor | None = None
+        if self.checkpoint is not None:
+            self._load(self.checkpoint)
+
+    def bind(self, model) -> None:
+        """Resolve the default checkpoint for ``model`` (the one shipped for it) if none is loaded."""
+        if self.loaded_checkpoint is None:
+            from namm.models import registry_name
+
+            self._load(shipped_namm_for(registry_name(model)))
+
+    def _load(self, checkpoint: str | NAMMCheckpoint) -> None:
+        if isinstance(checkpoint, NAMMCheckpoint):
+            ckpt = checkpoint
+        elif checkpoint == "zeros":
             ckpt = zeros_checkpoint(self.scorer or "bam")
         else:
-            ckpt = load_namm_checkpoint(self.checkpoint)
+            ckpt = load_namm_checkpoint(checkpoint)
         net = ckpt.scorer
         if self.scorer is not None:
             wanted = make_scorer(self.scorer, net.in_dim).config()
@@ -51,25 +84,39 @@ class NAMMPolicy(MemoryPolicy):
                 raise ValueError(f"scorer {self.scorer!r} does not match the checkpoint's scorer {net.config()}")
         features = ckpt.features
         if self.n_up is not None:
-            if int(self.n_up) < 1:
-                raise ValueError(f"n_up must be >= 1, got {self.n_up}")
             features = replace(features, n_up=int(self.n_up))
         self.features = features
         self.n_up = features.n_up
         self.query_window = features.n_up
-        self.threshold = float(ckpt.config.get("selection", {}).get("threshold", 0.0)
-                               if self.threshold is None else self.threshold)
-        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or int(self.max_tokens) < 2):
-            raise ValueError(f"max_tokens must be an integer >= 2, got {self.max_tokens!r}")
-        if self.max_fraction is not None and not 0 < float(self.max_fraction) <= 1:
-            raise ValueError(f"max_fraction must be in (0, 1], got {self.max_fraction!r}")
+        self.checkpoint_threshold = float(ckpt.config.get("selection", {}).get("threshold", 0.0)
+                                          if self.threshold is None else self.threshold)
+        self.threshold = self.checkpoint_threshold
         self.caps = [Budget(int(self.max_tokens))] if self.max_tokens is not None else []
         self.caps += [Budget(float(self.max_fraction))] if self.max_fraction is not None else []
+        self._budget_cap = None
+        self.set_budget(self.budget)
         self.net = net
         self.params = ckpt.params.float().clone()
         self.normalization: Normalization = ckpt.normalization
         self.loaded_checkpoint = ckpt
-        self.population: Tensor | None = None
+
+    def set_budget(self, budget: float | int | str | Budget | None) -> None:
+        """Switch to budget mode at ``budget`` (top-scored tokens within it), or with None back to
+        threshold mode at the checkpoint's (or the given) threshold."""
+        self.caps = [c for c in self.caps if c is not self._budget_cap]
+        if budget is None:
+            self.budget, self._budget_cap = None, None
+            self.threshold = self.checkpoint_threshold
+            return
+        cap = budget if isinstance(budget, Budget) else Budget(budget)
+        self.budget, self._budget_cap = cap, cap
+        self.caps.append(cap)
+        self.threshold = float("-inf")
+
+    @property
+    def mode(self) -> str:
+        """"budget" or "threshold"."""
+        return "threshold" if self.budget is None else "budget"
 
     @property
     def num_params(self) -> int:
@@ -78,7 +125,7 @@ class NAMMPolicy(MemoryPolicy):
 
     def config(self) -> dict:
         """The checkpoint config of this policy (features, scorer, selection)."""
-        return namm_config(self.features, self.net.config(), self.threshold)
+        return namm_config(self.features, self.net.config(), self.checkpoint_threshold)
 
     def set_population(self, params: Tensor | None) -> None:
         """Give batch row b the parameters ``params[b]`` ((P, num_params); the batch size must then

@@ -1,4 +1,4 @@
-"""NAMM scoring networks: map every token's feature vector to one score (NAMM_SPEC.md §5).
+"""NAMM scoring networks: map every token's feature vector to one score (docs/algorithm.md §5).
 
 A scorer is a parameter layout over one flat vector. ``score`` takes one parameter vector per
 batch row (B, num_params), so P population members run on P rows in one batched call; one
@@ -111,6 +111,18 @@ class MLPScorer:
 
     def config(self) -> dict:
         return {"kind": self.kind, "hidden": list(self.hidden)}
+
+    def score_shared(self, x: Tensor, params: Tensor) -> Tensor:
+        """(P, ...) scores of the same features ``x`` (..., in) under each of the P parameter rows
+        of ``params`` (P, num_params): the first layer is one matrix product for all rows."""
+        parts = split_params(params.to(x.device, torch.float32), self.shapes)
+        P, lead = params.shape[0], x.shape[:-1]
+        first, bias = parts[0], parts[1]  # (P, in, out), (P, out)
+        h = (x.reshape(-1, x.shape[-1]) @ first.permute(1, 0, 2).reshape(x.shape[-1], -1))  # (N, P * out)
+        h = h.view(-1, P, first.shape[-1]).transpose(0, 1) + bias[:, None, :]  # (P, N, out)
+        for i in range(2, len(parts), 2):
+            h = torch.baddbmm(parts[i + 1][:, None, :], torch.tanh(h), parts[i])
+        return h.squeeze(-1).reshape(P, *lead)
 
     def score(self, x: Tensor, valid: Tensor, params: Tensor) -> Tensor:
         """(B, H, K) scores of features ``x`` (B, H, K, in) with ``params`` (B, num_params)."""

@@ -1,4 +1,4 @@
-"""NAMM token selection: threshold the scores, one count per layer (NAMM_SPEC.md §6)."""
+"""NAMM token selection: threshold the scores, one count per layer (docs/algorithm.md §6)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,57 @@
+"""``namm finalize``: turn an evolution run's best NAMM into a checkpoint to ship, with a threshold
+for threshold mode calibrated on the run's training prompts."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from namm.commands.common import set_threads, writable_dir
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "finalize", help="make a shippable checkpoint from an evolution run (threshold for threshold mode)",
+        description="Take the best CMA-ES mean of an evolution run (RUN/best) and save it as a NAMM checkpoint "
+                    "whose threshold makes threshold mode (the default mode of `--policy namm`) keep a target "
+                    "share of the KV cache on average over the run's training prompts. Budget-mode runs learn "
+                    "only to rank tokens; this gives them one score cut shared by every layer, so each layer's "
+                    "size stays emergent. The cut is found by bisection on the proxy replay (docs/algorithm.md "
+                    "§6); no evaluation data is used.")
+    p.add_argument("--run", dest="run_dir", required=True, help="evolution run directory (with best/ and normalization/)")
+    p.add_argument("--target", type=float, default=0.35,
+                   help="mean KV fraction threshold mode should hold on the training prompts (default 0.35)")
+    p.add_argument("--prompts", type=int, default=16, help="training prompts used for the calibration (default 16)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--out", required=True, help="checkpoint path: FILE.json / FILE.safetensors, or a folder")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import namm
+    from namm.evolve.proxy import ProxyScorer
+    from namm.evolve.threshold import calibrate_threshold
+    from namm.evolve.trainer import Trainer, build_policy, load_run_config
+    from namm.policies.namm.checkpoint import load_namm_checkpoint, save_namm_checkpoint
+
+    set_threads(args)
+    run_dir = Path(args.run_dir)
+    config = load_run_config(run_dir)
+    best = load_namm_checkpoint(str(run_dir / "best"))
+    if args.prompts < 1:
+        raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
+    writable_dir(str(Path(args.out).parent if Path(args.out).suffix else Path(args.out)))
+    model, tokenizer = namm.load_model(config.model)
+    pool = Trainer(config, run_dir, model, tokenizer, progress=False).pool
+    prompts = pool[:: max(1, len(pool) // args.prompts)][: args.prompts]
+    policy = build_policy(run_dir / "normalization", config)
+    records = ProxyScorer(model, policy).record(prompts)
+    threshold, fraction = calibrate_threshold(records, policy, best.params, args.target)
+    selection = {**best.config.get("selection", {}), "threshold": threshold, "threshold_target": args.target,
+                 "threshold_fraction_train": fraction, "threshold_prompts": len(prompts)}
+    provenance = {**best.provenance, "finalized_from": str(run_dir)}
+    path = save_namm_checkpoint(args.out, best.params, best.mean, best.std, {**best.config, "selection": selection},
+                                provenance)
+    print(f"threshold {threshold:.6g}: mean KV fraction {fraction:.3f} on {len(prompts)} training prompts "
+          f"(target {args.target}); checkpoint {path}")
+    return 0

@@ -1,0 +1,224 @@
+"""The dense fitness, the proxy evaluator, NAMM's budget mode and default checkpoints, on tiny
+random models (docs/algorithm.md §7-8)."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import namm
+import namm.evolve.proxy as proxy
+from namm.evolve.fitness import LoglikScorer, loglik_fitness, teacher_forced_loglik, tokenize_samples
+from namm.evolve.proxy import ProxyScorer, record_prompt, replay
+from namm.evolve.threshold import calibrate_threshold, mean_fraction
+from namm.evolve.trainer import EvolveConfig, Trainer
+from namm.memory.driver import MemoryRunner, memory_attention_enabled
+from namm.policies.namm.checkpoint import load_namm_checkpoint
+from namm.tasks.base import Sample, get_task
+from fixtures.byte_tokenizer import byte_tokenizer
+from tiny_models import tiny_model
+
+N_UP = 64
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama-gqa"), byte_tokenizer()
+
+
+def prompts_of(tiny, length: int, n: int = 2, task: str = "passkey", seed: int = 3):
+    model, tokenizer = tiny
+    return tokenize_samples(tokenizer, model, [(0, s) for s in get_task(task).samples(tokenizer, length, n, seed=seed)])
+
+
+def random_params(policy, n: int, seed: int = 0, scale: float = 0.5) -> torch.Tensor:
+    return torch.randn(n, policy.num_params, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def test_loglik_fitness_on_a_hand_made_example():
+    loglik = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, -0.5]])
+    full = torch.tensor([-1.0, -1.0, -1.0])
+    tasks = torch.tensor([0, 0, 1])
+    # member 0: task 0 gaps (0, -1) -> -0.5, task 1 gap 0.5 -> mean 0.0; member 1: (-2, 0) -> -1, 0.5 -> -0.25
+    torch.testing.assert_close(loglik_fitness(loglik, full, tasks), torch.tensor([0.0, -0.25], dtype=torch.float64))
+    fraction = torch.tensor([[0.5, 0.5, 0.5], [0.2, 0.2, 0.2]])
+    with_memory = loglik_fitness(loglik, full, tasks, fraction, namm.evolve.fitness.MemoryTerm(0.3, 2.0))
+    torch.testing.assert_close(with_memory, torch.tensor([-0.4, -0.25], dtype=torch.float64))
+    assert loglik_fitness(full[None], full, tasks).item() == 0.0  # the full cache scores exactly 0
+
+
+@pytest.mark.parametrize("prompt, answers, reference", [
+    ("What is the pass key? The pass key is", ["12345"], " 12345"),
+    ("The answer is: Paragraph", ["Paragraph 3"], " 3"),
+    ('The value associated with the specified key is: "', ["ab12-cd"], "ab12-cd"),
+    ("they are:", ["ABCDE", "FGHIJ"], " ABCDE, FGHIJ"),
+])
+def test_reference_continuation(prompt, answers, reference):
+    assert Sample("s", prompt, answers, 8, "string_match_all").reference() == reference
+
+
+def test_proxy_of_the_zero_namm_gives_the_full_cache_values(tiny):
+    model, _ = tiny
+    prompts = prompts_of(tiny, 300)
+    policy = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=N_UP)
+    scorer = ProxyScorer(model, policy, progress=False)
+    real = teacher_forced_loglik(model, namm.make_policy("full"), prompts)
+    torch.testing.assert_close(scorer.full(prompts), torch.tensor([r[0] for r in real]), rtol=0, atol=1e-5)
+    zero = scorer.members(torch.zeros(3, policy.num_params), prompts)
+    torch.testing.assert_close(zero.scores, scorer.full(prompts).expand(3, -1), rtol=0, atol=1e-5)
+    assert bool((zero.cache_fraction == 1).all())
+
+
+@pytest.mark.parametrize("scorer, budget", [("mlp", None), ("bam", None), ("mlp", 0.3), ("bam", 0.3)])
+def test_proxy_is_exact_when_the_prompt_sees_one_update(tiny, scorer, budget):
+    """Before the first update nothing was evicted, so recorded features and keys are the real ones."""
+    model, _ = tiny
+    prompts = prompts_of(tiny, 300)  # one update at 256 tokens, the continuation ends before 512
+    policy = namm.make_policy("namm", checkpoint="zeros", scorer=scorer, n_up=256)
+    policy.set_budget(budget)
+    params = random_params(policy, 4)
+    got = ProxyScorer(model, policy, progress=False).members(params, prompts)
+    policy.set_population(params)
+    for i, p in enumerate(prompts):
+        real = teacher_forced_loglik(model, policy, [p] * len(params))
+        torch.testing.assert_close(got.scores[:, i], torch.tensor([r[0] for r in real]), rtol=0, atol=1e-5)
+    policy.set_population(None)
+    assert got.cache_fraction.unique().numel() > 1 or budget is not None  # members really differ
+
+
+def test_replay_keeps_what_real_eviction_keeps_at_the_first_update(tiny):
+    model, _ = tiny
+    p = prompts_of(tiny, 300, n=1)[0]
+    policy = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=256)
+    params = random_params(policy, 3, seed=1)
+    held = replay(record_prompt(model, policy, p.token_ids, p.answer_ids, "k", 0), policy, params)
+    policy.set_population(params)
+    runner = MemoryRunner(model, policy, len(params))
+    with memory_attention_enabled(model), torch.inference_mode():
+        runner.feed([p.token_ids[:256]] * len(params))
+    policy.set_population(None)
+    for l, layer in enumerate(runner.cache.layers):
+        for b in range(len(params)):
+            for h in range(held.shape[2]):
+                kept = layer.positions[b, h][layer.positions[b, h] >= 0]
+                assert torch.equal(kept, held[b, l, h].nonzero().flatten())
+
+
+def test_budget_mode_holds_its_budget_in_bytes(tiny):
+    model, _ = tiny
+    policy = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=N_UP, budget=0.25)
+    policy.params = random_params(policy, 1)[0]
+    out = namm.generate(model, None, prompts_of(tiny, 300, n=1)[0].token_ids, policy=policy, max_new_tokens=40,
+                        record_history=True)
+    assert len(out.history) >= 4
+    for record in out.history:
+        assert record.kv_bytes <= 0.25 * record.kv_bytes_full
+        assert set(record.tokens_per_layer) == {math.floor(0.25 * record.tokens_seen)}  # the budget is used in full
+    with pytest.raises(ValueError, match="either a threshold"):
+        namm.make_policy("namm", checkpoint="zeros", budget=0.25, threshold=0.0)
+    with pytest.raises(ValueError, match="budget must be"):
+        namm.make_policy("namm", checkpoint="zeros", budget=1.5)
+
+
+def test_full_cache_references_are_computed_once(tiny, monkeypatch):
+    model, tokenizer = tiny
+    prompts = prompts_of(tiny, 300)
+    calls = []
+    original = proxy.continuation_loglik
+    monkeypatch.setattr(proxy, "continuation_loglik", lambda m, rec, held, **kw: calls.append(held) or original(
+        m, rec, held, **kw))
+    scorer = ProxyScorer(model, namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=N_UP), progress=False)
+    first = scorer.full(prompts)
+    assert torch.equal(scorer.full(prompts), first) and len(calls) == len(prompts)
+    assert len(scorer.records) == len(prompts)
+    real = LoglikScorer(model, tokenizer, namm.make_policy("namm", checkpoint="zeros", n_up=N_UP), progress=False)
+    runs = []
+    monkeypatch.setattr(real, "_run", lambda ps, pol: runs.append(len(ps)) or [(-1.0, 1.0)] * len(ps))
+    real.full(prompts)
+    real.full(prompts)
+    assert sum(runs) == len(prompts)
+
+
+def test_default_checkpoint_is_the_one_shipped_for_the_model(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="no NAMM is shipped for this model.*namm evolve.*namm calibrate"):
+        namm.generate(model, None, [1, 2, 3], policy=namm.make_policy("namm"), max_new_tokens=1)
+    policy = namm.make_policy("namm")
+    assert policy.loaded_checkpoint is None  # nothing is loaded before a model is known
+    policy.bind(SimpleNamespace(name_or_path="/some/cache/models/smollm2-135m"))
+    assert policy.loaded_checkpoint.provenance["model"] == "smollm2-135m"
+    assert namm.make_policy("namm", checkpoint="zeros").loaded_checkpoint.provenance == {"source": "zeros"}
+
+
+def test_budget_mode_evolution_resumes_exactly_and_records_its_mode(tiny, tmp_path):
+    model, tokenizer = tiny
+    base = dict(model="tiny", tasks=["passkey", "kv_retrieval"], length=[300, 400], generations=3, prompts_per_task=1,
+                train_prompts=2, population=4, separable=True, eval_every=2, n_up=128, scorer="mlp", hidden=[4],
+                fitness="loglik", evaluator="proxy", budgets=[0.2, 0.6])
+    straight = Trainer(EvolveConfig(**base), tmp_path / "a", model, tokenizer, progress=False)
+    straight.start()
+    straight.run()
+    first = Trainer(EvolveConfig(**{**base, "generations": 1}), tmp_path / "b", model, tokenizer, progress=False)
+    first.start()
+    first.run()
+    resumed = Trainer(EvolveConfig(**base), tmp_path / "b", model, tokenizer, progress=False)
+    resumed.resume()
+    resumed.run()
+    assert torch.equal(resumed.cmaes.mean, straight.cmaes.mean)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").open()]
+    assert all(0.2 <= r["budget"] <= 0.6 for r in rows) and len({r["budget"] for r in rows}) == 3
+    assert all(r["budget"] - 0.01 <= f <= r["budget"] + 0.01 for r in rows for f in r["member_cache_fraction"])
+    best = load_namm_checkpoint(tmp_path / "a" / "best")
+    assert best.config["selection"]["mode"] == "budget" and best.config["selection"]["budgets"] == [0.2, 0.6]
+    assert best.provenance["fitness"] == "loglik" and best.provenance["evaluator"] == "proxy"
+
+
+def test_bad_evolution_settings_are_refused():
+    common = dict(model="tiny", tasks=["passkey"], length=600, generations=1)
+    with pytest.raises(ValueError, match="use --fitness loglik"):
+        EvolveConfig(**common, fitness="task", evaluator="proxy")
+    with pytest.raises(ValueError, match="--budgets must be"):
+        EvolveConfig(**common, budgets=[0.6, 0.2])
+    with pytest.raises(ValueError, match="drop --memory-target"):
+        EvolveConfig(**common, budgets=[0.2, 0.6], memory_target=0.4)
+
+
+def test_threshold_calibration_hits_its_target(tiny):
+    model, _ = tiny
+    policy = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=N_UP)
+    records = ProxyScorer(model, policy, progress=False).record(prompts_of(tiny, 300, n=3))
+    params = random_params(policy, 1, seed=2)[0]
+    threshold, fraction = calibrate_threshold(records, policy, params, 0.5)
+    assert abs(fraction - 0.5) < 0.05
+    assert mean_fraction(records, policy, params, threshold) == fraction
+    assert mean_fraction(records, policy, params, threshold + 10) < fraction < mean_fraction(
+        records, policy, params, threshold - 10)
+
+
+def test_cli_budget_evolution_then_finalize(tmp_path, capsys):
+    from namm.cli import main
+    from test_evolve_helpers import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    run = tmp_path / "run"
+    code = main(["evolve", "--model", str(model_dir), "--tasks", "passkey", "--length", "300,400", "--train-prompts",
+                 "2", "--prompts-per-task", "1", "--population", "4", "--generations", "1", "--eval-every", "1",
+                 "--n-up", "128", "--separable", "--scorer", "mlp", "--hidden", "4", "--budgets", "0.2,0.6",
+                 "--out", str(run)])
+    assert code == 0, capsys.readouterr().err
+    code = main(["finalize", "--run", str(run), "--target", "0.5", "--prompts", "2", "--out", str(tmp_path / "c.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "mean KV fraction" in out
+    ckpt = load_namm_checkpoint(tmp_path / "c.json")
+    selection = ckpt.config["selection"]
+    assert selection["mode"] == "budget" and selection["threshold_target"] == 0.5
+    assert 0.3 < selection["threshold_fraction_train"] < 0.7
+    assert namm.make_policy("namm", checkpoint=str(tmp_path / "c.json")).threshold == selection["threshold"]
+    code = main(["evolve", "--model", str(model_dir), "--tasks", "passkey", "--length", "300,x", "--generations", "1",
+                 "--out", str(tmp_path / "bad")])
+    assert code == 2 and "--length takes comma-separated integers" in capsys.readouterr().err
