@@ -18,6 +18,7 @@ full-cache values exactly.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -109,10 +110,13 @@ def record_prompt(model: PreTrainedModel, namm: NAMMPolicy, prompt_ids: Tensor, 
     if any(not bool((layer.positions[0] == expected).all()) for layer in layers):
         raise RuntimeError("the feature recorder must keep every token in order")
     features = [torch.stack(per_layer) for per_layer in recorder.updates]
-    return ProxyPrompt(key=key, task=task, seen=seen, features=features,
+    record = ProxyPrompt(key=key, task=task, seen=seen, features=features,
                        keys=[layer.keys[0].clone() for layer in layers],
                        values=[layer.values[0].clone() for layer in layers],
                        continuation=continuation, answer=answer_ids.clone())
+    del runner, recorder, layers
+    gc.collect()  # the cache and its layers reference each other: free the prompt's full cache now
+    return record
 
 
 def replay(prompt: ProxyPrompt, namm: NAMMPolicy, params: Tensor) -> Tensor:
@@ -172,6 +176,8 @@ def continuation_loglik(model: PreTrainedModel, prompt: ProxyPrompt, held: Tenso
         logits = runner.feed([prompt.continuation] * P, all_logits=True, keep=A)
     tail = torch.stack([row[-A:] for row in logits])  # (P, A, vocab): the logits predicting the answer
     logp = torch.log_softmax(tail, dim=-1).gather(-1, prompt.answer.to(tail.device).view(1, A, 1).expand(P, A, 1))
+    del runner, layers, logits
+    gc.collect()  # free the P reduced caches now (their layers and cache reference each other)
     return logp.squeeze(-1).mean(-1).cpu()
 
 
