@@ -84,7 +84,7 @@ def test_more_samples_later_runs_only_the_new_ones(tiny, samples, tmp_path, monk
     monkeypatch.setattr(runner, "generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     metrics = evaluate(model, tok, namm.make_policy("full"), samples, out_dir=tmp_path, progress=False)
     assert calls == [1, 1] and metrics["n"] == 3
-    changed = [replace(samples[0], prompt=samples[0].prompt + " more")]
+    changed = [replace(samples[0], answers=["a different answer"])]
     with pytest.raises(ValueError, match="differs from the one already answered"):
         evaluate(model, tok, namm.make_policy("full"), changed, out_dir=tmp_path, progress=False)
 
@@ -116,16 +116,22 @@ def test_batched_evaluation_matches_single(tiny, samples):
 def test_report_helpers():
     rows = [
         {"task": "a", "policy": "h2o", "budget": "0.5", "n": 2, "score": 40.0, "normalized_score": 50.0,
-         "cache_fraction": 0.5, "kv_bytes_peak_mean": 2**20, "prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 10.0},
+         "cache_fraction": 0.5, "kv_fraction": 0.5, "kv_fraction_peak": 0.9, "kv_bytes_peak_mean": 2**20,
+         "prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 10.0, "sample_scores": [0.0, 80.0]},
         {"task": "b", "policy": "h2o", "budget": "0.5", "n": 2, "score": 60.0, "normalized_score": None,
-         "cache_fraction": 0.6, "kv_bytes_peak_mean": 3 * 2**20, "prefill_tokens_per_s": 200.0, "decode_tokens_per_s": 20.0},
+         "cache_fraction": 0.6, "kv_fraction": 0.4, "kv_fraction_peak": 0.8, "kv_bytes_peak_mean": 3 * 2**20,
+         "prefill_tokens_per_s": 200.0, "decode_tokens_per_s": 20.0, "sample_scores": [60.0, 60.0],
+         "score_ci": [60.0, 60.0]},
     ]
     mean = mean_rows(rows)
     assert len(mean) == 1 and mean[0]["score"] == 50.0 and mean[0]["normalized_score"] == 50.0
     assert mean[0]["cache_fraction"] == pytest.approx(0.55) and mean[0]["n"] == 4
+    assert mean[0]["kv_fraction"] == pytest.approx(0.45) and mean[0]["kv_fraction_peak"] == 0.9
+    assert mean[0]["score_ci"] == pytest.approx((30.0, 70.0))  # task a resampled alone: 0, 40 or 80
     table = markdown_table(rows).splitlines()
     assert table[0].startswith("| task | policy | budget |") and len(table) == 4
-    assert table[2] == "| a | h2o | 0.5 | – | 2 | 40.0 | 50.0 | 0.500 | 1.0 | 100 | 10.0 |"  # no schedule given
+    assert table[2] == "| a | h2o | 0.5 | – | – | 2 | 40.0 | 50.0 | 0.500 | 0.900 | 1.0 | 100 | 10.0 |"  # no labels
+    assert table[3].startswith("| b | h2o | 0.5 | – | – | 2 | 60.0 [60.0, 60.0] | – | 0.400 |")
     assert normalized_score(40.0, 80.0) == 50.0 and normalized_score(10.0, 0.0) is None
 
 
@@ -177,7 +183,8 @@ def test_cli_eval_data_file(tiny_dir, tmp_path):
 
 def test_cli_eval_perplexity(tiny_dir, tmp_path):
     out = tmp_path / "ppl"
-    argv = ["eval", "--model", tiny_dir, "--task", "perplexity", "--length", "300", "--policy", "recency",
+    argv = ["eval", "--model", tiny_dir, "--task", "perplexity", "--length", "300", "--samples", "1",
+            "--policy", "recency",
             "--budget", "0.5", "--n-up", "128", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -192,8 +199,9 @@ def test_cli_compare_table_and_plot(tiny_dir, tmp_path):
             "--out", str(out), "--quiet"]
     assert main(argv) == 0
     table = (out / "results.md").read_text()
-    assert "| passkey | h2o | 0.25 | progressive | 1 |" in table and "| kv_retrieval | full | – | – | 1 |" in table
-    assert "| mean | recency | 0.5 | progressive | 2 |" in table
+    assert "| passkey | h2o | 0.25 | progressive | query-aware | 1 |" in table
+    assert "| kv_retrieval | full | – | – | query-aware | 1 |" in table
+    assert "| mean | recency | 0.5 | progressive | query-aware | 2 |" in table
     assert (out / "score_vs_cache.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert len(rows) == 2 * (1 + 2 + 2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -149,7 +148,9 @@ def test_default_checkpoint_is_the_one_shipped_for_the_model(tiny):
         namm.generate(model, None, [1, 2, 3], policy=namm.make_policy("namm"), max_new_tokens=1)
     policy = namm.make_policy("namm")
     assert policy.loaded_checkpoint is None  # nothing is loaded before a model is known
-    policy.bind(SimpleNamespace(name_or_path="/some/cache/models/smollm2-135m"))
+    registry_like = tiny_model("llama-gqa")
+    registry_like.name_or_path = "/some/cache/models/smollm2-135m"  # what load_model("smollm2-135m") gives
+    policy.bind(registry_like)
     assert policy.loaded_checkpoint.provenance["model"] == "smollm2-135m"
     assert namm.make_policy("namm", checkpoint="zeros").loaded_checkpoint.provenance == {"source": "zeros"}
 
@@ -222,3 +223,29 @@ def test_cli_budget_evolution_then_finalize(tmp_path, capsys):
     code = main(["evolve", "--model", str(model_dir), "--tasks", "passkey", "--length", "300,x", "--generations", "1",
                  "--out", str(tmp_path / "bad")])
     assert code == 2 and "--length takes comma-separated integers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gemma3"])
+def test_a_checkpoint_runs_on_another_family(tmp_path, kind):
+    """A NAMM from tiny Llama (4 query / 2 KV heads) on Qwen2 (4 / 1) and Gemma 3 (sliding layers)."""
+    from namm.policies.namm.checkpoint import save_namm_checkpoint
+
+    source = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=N_UP)
+    params = random_params(source, 1, seed=3)[0]
+    path = save_namm_checkpoint(tmp_path / "llama.json", params, source.normalization.mean, source.normalization.std,
+                                source.config(), {"model": "tiny-llama-gqa"})
+    model = tiny_model(kind)
+    policy = namm.make_policy("namm", checkpoint=str(path), budget=0.5)
+    out = namm.generate(model, None, torch.randint(1, 200, (300,)), policy=policy, max_new_tokens=20,
+                        record_history=True)
+    assert out.cache_fraction < 0.6 and len(out.history) >= 4
+    if kind == "gemma3":  # sliding layers (window 48) hold nothing older than their window after an update
+        runner = MemoryRunner(model, namm.make_policy("namm", checkpoint=str(path)), 1)
+        with memory_attention_enabled(model), torch.inference_mode():
+            runner.feed([torch.randint(1, 200, (256,))])
+        for layer in runner.cache.layers[:2]:
+            assert layer.sliding_window == 48 and int(layer.positions.min()) > 256 - 48
+    small = tiny_model(kind)
+    small.config.max_position_embeddings = N_UP
+    with pytest.raises(ValueError, match="from tiny-llama-gqa.*updates every 64 tokens.*context is 64"):
+        namm.generate(small, None, [1, 2, 3], policy=namm.make_policy("namm", checkpoint=str(path)), max_new_tokens=1)

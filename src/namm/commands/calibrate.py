@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from namm.commands.common import add_model_args, read_text_file, set_threads
+from namm.commands.common import add_model_args, read_text_file, set_threads, show_progress
 
 
 def add_parser(sub) -> None:
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     ids = tokenize_prompts(tokenizer, texts, model_context(model))
     if all(len(x) < args.n_up for x in ids):
         raise ValueError(f"every prompt is shorter than --n-up {args.n_up} tokens: nothing to calibrate on")
-    mean, std = calibrate_normalization(model, ids, features=features, progress=not args.quiet and sys.stderr.isatty())
+    mean, std = calibrate_normalization(model, ids, features=features, progress=show_progress(args))
     provenance = {
         "kind": "calibration", "model": args.model, "namm_version": namm.__version__,
         "task": args.task, "length": args.length if args.task else None, "seed": args.seed if args.task else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -56,6 +57,11 @@ def policy_from_args(args: argparse.Namespace) -> MemoryPolicy:
             raise ValueError(f"policy {args.policy!r} takes no --{key.replace('_', '-')}")
     return make_policy(args.policy, less=getattr(args, "less", None), schedule=getattr(args, "schedule", None),
                        **options)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether a command draws progress bars: only on a terminal (stderr), and never with --quiet."""
+    return sys.stderr.isatty() and not getattr(args, "quiet", False)
 
 
 def set_threads(args: argparse.Namespace) -> None:

@@ -8,25 +8,38 @@ import shlex
 import sys
 from pathlib import Path
 
-from namm.commands.common import add_model_args, add_schedule_arg, policy_from_args, set_threads, writable_dir
-from namm.commands.eval import add_sample_args
+from namm.commands.common import (
+    add_model_args, add_schedule_arg, policy_from_args, set_threads, show_progress, writable_dir,
+)
+from namm.commands.eval import add_data_file_args, add_sample_args, check_data_file_args, cut_note, load_samples
 
 DEFAULT_POLICIES = "full,recency,streaming,h2o,l2,snapkv,tova"
 DEFAULT_TASKS = "passkey,niah_single,kv_retrieval"
+DEFAULT_BUDGETS = "0.25,0.5"
+MATCHED = "matched"  # plan placeholder: the budget measured on the --match-cache policy's run of the task
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "compare", help="compare memory policies across budgets and tasks",
         description="Evaluate every policy at every budget on every task (policies without a budget, such as "
-                    "full and namm, run once per task), then write OUT/results.md (markdown table: raw and "
-                    "normalised score, schedule, mean cache fraction, KV bytes, tokens/s), OUT/results.json and "
-                    "OUT/score_vs_cache.png. Each run lives in OUT/runs/TASK/POLICY[-BUDGET][-SCHEDULE] and resumes when "
-                    "the command is rerun; full-cache reference scores are cached and reused.")
+                    "full, run once per task), then write OUT/results.md (markdown table: score with a bootstrap "
+                    "95% interval, normalised score, schedule, protocol, mean and peak KV fraction, KV bytes, "
+                    "tokens/s), OUT/results.json and OUT/score_vs_cache.png. Each run lives in "
+                    "OUT/runs/TASK/POLICY[-BUDGET][-SCHEDULE][-query-agnostic] and resumes when the command is "
+                    "rerun; full-cache reference scores are cached and reused. --match-cache POLICY compares at "
+                    "equal memory: every other policy runs at POLICY's measured mean KV fraction on each task.")
     add_model_args(p)
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated policies (default: {DEFAULT_POLICIES})")
-    p.add_argument("--budgets", default="0.25,0.5", help="comma-separated budgets for baselines (default: 0.25,0.5)")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated tasks (default: {DEFAULT_TASKS})")
+    p.add_argument("--budgets", default=None,
+                   help=f"comma-separated budgets for baselines (default: {DEFAULT_BUDGETS})")
+    p.add_argument("--match-cache", default=None, metavar="POLICY",
+                   help="run POLICY first on each task (on its own settings, e.g. namm in threshold mode), then "
+                        "every other policy that takes a budget at POLICY's measured mean KV fraction on that task "
+                        "(replaces --budgets)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--tasks", default=None, help=f"comma-separated tasks (default: {DEFAULT_TASKS})")
+    add_data_file_args(p, source)
     p.add_argument("--checkpoint", default=None, help="NAMM checkpoint for policy namm (default: the policy's own)")
     p.add_argument("--n-up", type=int, default=None, help="tokens between memory updates (default 512)")
     add_schedule_arg(p)
@@ -54,28 +67,49 @@ def accepts(policy: str, **option) -> bool:
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
-    """Every (task, policy, budget) to run, validated before any model is loaded."""
+    """Every (task, policy, budget) to run, validated before any model is loaded. With
+    ``--match-cache`` the matched policy comes first on each task and the others' budget is
+    :data:`MATCHED`; with ``--data-file`` the one task is the file's stem."""
     from namm.policies.base import Budget, policy_names
     from namm.tasks import task_names
 
-    policies, tasks = split_list(args.policies, "policies"), split_list(args.tasks, "tasks")
-    budgets = split_list(args.budgets, "budgets")
-    for b in budgets:
-        Budget(b)
+    policies = split_list(args.policies, "policies")
+    if args.match_cache:
+        if args.budgets:
+            raise ValueError("--match-cache measures the budgets; drop --budgets")
+        policies = [args.match_cache] + [p for p in policies if p != args.match_cache]
+        budgets = [MATCHED]
+    else:
+        budgets = split_list(args.budgets or DEFAULT_BUDGETS, "budgets")
+        for b in budgets:
+            Budget(b)
     for p in policies:
         if p not in policy_names():
             raise ValueError(f"unknown policy {p!r}; choose one of: {', '.join(policy_names())}")
-    for t in tasks:
+    check_data_file_args(args)
+    tasks = [Path(args.data_file).stem] if args.data_file else split_list(args.tasks or DEFAULT_TASKS, "tasks")
+    for t in tasks if not args.data_file else []:
         if t not in task_names():
             raise ValueError(f"unknown task {t!r}; choose one of: {', '.join(task_names())}")
-    if args.samples < 1 or args.length < 1 or args.batch_size < 1:
+    if args.samples < 1 or (args.length is not None and args.length < 1) or args.batch_size < 1:
         raise ValueError("--samples, --length and --batch-size must be >= 1")
     runs = []
     for t in tasks:
         for p in policies:
-            for b in (budgets if accepts(p, budget=0.5) else [None]):
+            for b in (budgets if p != args.match_cache and accepts(p, budget=0.5) else [None]):
                 runs.append((t, p, b))
     return runs
+
+
+def matched_budget(kv_fraction: float) -> str:
+    """The budget, as a string of four decimals in (0, 1], that holds a measured mean KV fraction."""
+    return f"{min(max(kv_fraction, 1e-4), 1.0):.4f}"
+
+
+def run_name(args: argparse.Namespace, policy, name: str, budget: str | None) -> str:
+    """The folder of one run: POLICY[-BUDGET][-SCHEDULE][-query-agnostic]."""
+    parts = [name] + ([budget] if budget else []) + ([args.schedule] if args.schedule and policy.evicts else [])
+    return "-".join(parts + (["query-agnostic"] if args.question_after_compression else []))
 
 
 def build_policy(args: argparse.Namespace, policy: str, budget: str | None):
@@ -89,31 +123,40 @@ def run(args: argparse.Namespace) -> int:
     import namm
     from namm.eval.plots import plot_score_vs_cache
     from namm.eval.report import markdown_table, mean_rows, normalized_score, reference_metrics, store_reference
-    from namm.eval.runner import evaluate
-    from namm.tasks import get_task
+    from namm.eval.runner import PREDICTIONS, evaluate, read_predictions
+    from namm.memory.generation import model_context
 
     runs = plan(args)
     out = writable_dir(args.out)
     set_threads(args)
     model, tokenizer = namm.load_model(args.model)
-    rows, references = [], {}
+    rows, references, matched = [], {}, {}
     for task, policy_name, budget in runs:
         if task not in references:
-            samples = get_task(task).samples(tokenizer, args.length, args.samples, seed=args.seed)
-            references[task] = samples
+            _, references[task], _ = load_samples(args, tokenizer, model_context(model),
+                                                  None if args.data_file else task)
+            note = cut_note(references[task])
+            if note:
+                print(f"{task}: {note}")
         samples = references[task]
+        matched_to = args.match_cache if budget == MATCHED else None
+        budget = matched[task] if matched_to else budget
         policy = build_policy(args, policy_name, budget)
-        name = policy_name if budget is None else f"{policy_name}-{budget}"
-        run_dir = out / "runs" / task / (f"{name}-{args.schedule}" if args.schedule and policy.evicts else name)
+        run_dir = out / "runs" / task / run_name(args, policy, policy_name, budget)
         metrics = evaluate(model, tokenizer, policy, samples, out_dir=run_dir, batch_size=args.batch_size,
-                           progress=not args.quiet, task=task, model_name=args.model,
-                           extra={"budget": budget, "length": args.length, "seed": args.seed})
-        if policy_name == "full":
+                           progress=show_progress(args), task=task, model_name=args.model,
+                           extra={"budget": budget, "matched_to": matched_to, "length": args.length, "seed": args.seed,
+                                  "prompts_cut": sum(s.truncated for s in samples)},
+                           question_after_compression=args.question_after_compression)
+        if policy_name == args.match_cache:
+            matched[task] = matched_budget(metrics["kv_fraction"])
+        if policy_name == "full" and not args.question_after_compression:
             store_reference(args.model, samples, run_dir)
-        rows.append(metrics)
+        done = read_predictions(run_dir / PREDICTIONS)
+        rows.append({**metrics, "sample_scores": [100.0 * done[s.id]["score"] for s in samples]})
     for row in rows:
         ref = reference_metrics(model, tokenizer, references[row["task"]], args.model, row["task"],
-                                args.batch_size, not args.quiet)
+                                args.batch_size, show_progress(args))
         row["reference_score"] = ref["score"]
         row["normalized_score"] = normalized_score(row["score"], ref["score"])
     write_results(args, out, rows, markdown_table, mean_rows, plot_score_vs_cache)
@@ -123,13 +166,19 @@ def run(args: argparse.Namespace) -> int:
 def write_results(args, out: Path, rows: list[dict], markdown_table, mean_rows, plot) -> None:
     means = mean_rows(rows)
     command = "namm compare " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["compare"] else ""
+    protocol = "query-agnostic" if args.question_after_compression else "query-aware"
+    length = f"{args.length} tokens" if args.length else "default length"
+    matching = (f" Every policy that takes a budget ran at {args.match_cache}'s measured mean KV fraction on each "
+                "task (budget column: the budget used)." if args.match_cache else "")
     text = [
         f"# Memory policies compared on {args.model}",
         "",
-        f"{args.samples} samples per task, prompts of {args.length} tokens (seed {args.seed}); score 0-100; "
-        "normalised = score as % of the full-cache score on the same samples; cache fraction = retained / seen "
-        "tokens at the end of generation, averaged over layers and samples; KV MiB = peak KV-cache bytes per "
-        "sample (mean); tokens/s measured on this machine during the run.",
+        f"{args.samples} samples per task, prompts of {length} (seed {args.seed}), {protocol} protocol; score "
+        "0-100 with a percentile bootstrap 95% interval over samples (1000 resamples; mean rows resample each task "
+        "on its own); normalised = score as % of the full-cache score on the same samples; KV fraction = KV bytes "
+        "held / full-cache KV bytes right after each compression (what a budget bounds; mean over compressions and "
+        "samples), peak = the largest peak KV bytes / full-cache KV bytes of any sample; KV MiB = peak KV-cache "
+        f"bytes per sample (mean); tokens/s measured on this machine during the run.{matching}",
         "",
         f"Reproduce: `{command}`" if command else "",
         "",
@@ -147,6 +196,6 @@ def write_results(args, out: Path, rows: list[dict], markdown_table, mean_rows, 
     (out / "results.md").write_text("\n".join(text), encoding="utf-8")
     (out / "results.json").write_text(json.dumps({"rows": rows, "mean": means}, indent=2) + "\n", encoding="utf-8")
     plot(rows + means, out / "score_vs_cache.png",
-         title=f"{args.model}: score vs cache fraction ({args.length} tokens, n={args.samples} per task)")
+         title=f"{args.model}: score vs cache fraction ({length}, n={args.samples} per task)")
     print("\n".join(text[:-3]))
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'score_vs_cache.png'}")

@@ -1,14 +1,15 @@
 """``namm demo``: the main job on the embedded model, end to end, in a few minutes.
 
 Builds a long pass-key prompt from the offline corpus and answers it with the full cache, with
-the model's shipped (evolved) NAMM and with a classic baseline, printing each answer, the cache
-kept per layer and the memory saved."""
+the model's shipped (evolved) NAMM in both modes (threshold: emergent memory; budget: the same
+memory as the baseline) and with a classic baseline, printing each answer, the cache kept per
+layer and the memory saved."""
 
 from __future__ import annotations
 
 import argparse
 
-from namm.commands.common import add_model_args, set_threads
+from namm.commands.common import add_model_args, set_threads, show_progress
 from namm.commands.generate import report
 
 
@@ -16,11 +17,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "demo", help="answer a long prompt with memory policies and show the memory saved",
         description="Answer a long pass-key prompt (built offline) with the full KV cache, with the model's shipped "
-                    "NAMM (when one exists) and with a baseline, then print each answer, the cache kept per layer "
-                    "and the memory saved.")
+                    "NAMM (when one exists; in threshold mode, and in budget mode at the baseline's budget) and with a "
+                    "baseline, then print each answer, the cache kept per layer and the memory saved.")
     add_model_args(p)
     p.add_argument("--baseline", default="h2o", help="baseline policy shown beside NAMM (default: h2o)")
-    p.add_argument("--budget", default="0.25", help="the baseline's budget (default: 0.25)")
+    p.add_argument("--budget", default="0.25",
+                   help="budget of the baseline and of NAMM's budget mode (default: 0.25)")
     p.add_argument("--checkpoint", default=None,
                    help="NAMM checkpoint (default: the one shipped for --model; NAMM is skipped if there is none)")
     p.add_argument("--task", default="passkey", help="synthetic task that builds the prompt (default: passkey)")
@@ -39,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     policies = {"full": namm.make_policy("full")}
     checkpoint = args.checkpoint or (args.model if args.model in shipped_checkpoints() else None)
     if checkpoint is not None:
-        policies[f"namm ({checkpoint})"] = namm.make_policy("namm", checkpoint=checkpoint)
+        policies[f"namm ({checkpoint}, threshold mode)"] = namm.make_policy("namm", checkpoint=checkpoint)
+        policies[f"namm ({checkpoint}, budget {args.budget})"] = namm.make_policy("namm", checkpoint=checkpoint,
+                                                                                  budget=args.budget)
     policies[f"{args.baseline} ({args.budget})"] = namm.make_policy(args.baseline, budget=args.budget)
     task = get_task(args.task)
     model, tokenizer = namm.load_model(args.model)
@@ -48,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
           f"{' | '.join(sample.answers)}\n")
     for name, policy in policies.items():
         out = namm.generate(model, tokenizer, sample.prompt, policy=policy, max_new_tokens=sample.max_new_tokens,
-                            progress=True)
+                            progress=show_progress(args))
         verdict = "correct" if score_sample(sample, out.text) >= 1.0 else "wrong"
         print(f"== {name}: {verdict} ==")
         print(report(out, name))

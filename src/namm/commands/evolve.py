@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from namm.commands.common import add_model_args, set_threads, writable_dir
+from namm.commands.common import add_model_args, set_threads, show_progress, writable_dir
 
 EXAMPLES = """examples:
   namm evolve --model smollm2-135m --tasks passage_retrieval --length 1024 --prompts-per-task 4 \\
@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     workers = init_workers(device)
     try:
         model, tokenizer = namm.load_model(config.model, device=device)
-        trainer = Trainer(config, out, model, tokenizer, workers, model_name=config.model)
+        trainer = Trainer(config, out, model, tokenizer, workers, progress=show_progress(args),
+                          model_name=config.model)
         if args.resume:
             trainer.resume()
         else:

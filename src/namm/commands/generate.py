@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
-from namm.commands.common import add_model_args, add_policy_args, policy_from_args, read_text_file, set_threads
+from namm.commands.common import (
+    add_model_args, add_policy_args, policy_from_args, read_text_file, set_threads, show_progress,
+)
 
 
 def add_parser(sub) -> None:
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = namm.load_model(args.model)
     out = namm.generate(model, tokenizer, prompt, policy=policy, max_new_tokens=args.max_new_tokens,
                         do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed, stop=args.stop, progress=not args.json and sys.stderr.isatty())
+                        seed=args.seed, stop=args.stop, progress=not args.json and show_progress(args))
     if args.json:
         schedule = policy.schedule if policy.evicts else None
         print(json.dumps({"model": args.model, "policy": args.policy, "schedule": schedule, **out.to_dict()}))

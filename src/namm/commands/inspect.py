@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from torch import Tensor
 
 from namm.commands.common import (
-    add_model_args, add_policy_args, policy_from_args, read_text_file, set_threads, writable_dir,
+    add_model_args, add_policy_args, policy_from_args, read_text_file, set_threads, show_progress, writable_dir,
 )
 from namm.policies.base import LayerView, MemoryPolicy
 
@@ -161,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = namm.load_model(args.model)
     ids = tokenize_prompts(tokenizer, [prompt], model_context(model))[0]
     out = namm.generate(model, tokenizer, ids, policy=recorder, max_new_tokens=args.max_new_tokens,
-                        record_history=True, progress=sys.stderr.isatty())
+                        record_history=True, progress=show_progress(args))
     config = model.config.get_text_config()
     retention = recorder.retention(config.num_hidden_layers, out.tokens_seen)
     all_ids = ids.tolist() + out.token_ids

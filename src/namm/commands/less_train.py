@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from namm.commands.common import add_model_args, add_policy_args, policy_from_args, set_threads, writable_dir
+from namm.commands.common import (
+    add_model_args, add_policy_args, policy_from_args, set_threads, show_progress, writable_dir,
+)
 
 
 def add_parser(sub) -> None:
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     out = writable_dir(args.out)
     model, tokenizer = namm.load_model(args.model)
     provenance = {"model": args.model, "policy": args.policy, "budget": args.budget, "n_up": policy.n_up}
-    path = train_less(model, tokenizer, policy, out, config, provenance, progress=True)
+    path = train_less(model, tokenizer, policy, out, config, provenance, progress=show_progress(args))
     layers = json.loads(path.with_suffix(".json").read_text())["provenance"]["layers"]
     closed = [v["gap_closed"] for v in layers.values() if "gap_closed" in v]
     mean = sum(closed) / len(closed) if closed else 0.0

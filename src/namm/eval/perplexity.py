@@ -68,3 +68,27 @@ def evaluate_perplexity(model, tokens: Tensor, policy: MemoryPolicy, chunk_size:
     if state_nbytes is not None:
         out["less_state_bytes"] = state_nbytes()
     return out
+
+
+def evaluate_perplexity_over(model, sequences: list[Tensor], policy: MemoryPolicy, chunk_size: int = 128,
+                             progress: bool = False) -> dict:
+    """Score each sequence with :func:`evaluate_perplexity` (the policy starts afresh on each).
+    ``nll`` is the mean over every scored token of all sequences and ``perplexity`` its exp;
+    ``cache_fraction`` is the mean, KV peaks the largest, ``wall_s`` the total; ``sequences``
+    holds each sequence's own result."""
+    if not sequences:
+        raise ValueError("perplexity needs at least one sequence")
+    each = [evaluate_perplexity(model, tokens, policy, chunk_size, progress) for tokens in sequences]
+    tokens = sum(r["tokens"] for r in each)
+    nll = sum(r["nll"] * r["tokens"] for r in each) / tokens
+    out = {
+        "n": len(each), "perplexity": math.exp(nll), "nll": nll, "tokens": tokens,
+        "cache_fraction": sum(r["cache_fraction"] for r in each) / len(each),
+        "kv_bytes_peak": max(r["kv_bytes_peak"] for r in each),
+        "kv_bytes_full_peak": max(r["kv_bytes_full_peak"] for r in each),
+        "wall_s": sum(r["wall_s"] for r in each),
+        "sequences": [{"perplexity": r["perplexity"], "nll": r["nll"], "tokens": r["tokens"]} for r in each],
+    }
+    if "less_state_bytes" in each[0]:
+        out["less_state_bytes"] = each[0]["less_state_bytes"]
+    return out

@@ -1,4 +1,5 @@
-"""Full-cache reference scores (cached once per model and sample set) and comparison tables."""
+"""Full-cache reference scores (cached once per model and sample set), bootstrap intervals and
+comparison tables."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from namm.eval.runner import METRICS, PREDICTIONS, evaluate, samples_digest
 from namm.policies.base import make_policy
@@ -53,42 +57,83 @@ def normalized_score(score: float, reference: float) -> float | None:
     return 100.0 * score / reference if reference > 0 else None
 
 
+def bootstrap_interval(groups: Sequence[Sequence[float]], resamples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of group means: each of ``resamples`` draws
+    resamples every group's values with replacement (one group: a mean over samples; several: a
+    mean over tasks, each task resampled on its own). Fixed ``seed``: the same values give the
+    same interval."""
+    if not groups or any(len(values) == 0 for values in groups):
+        raise ValueError("the bootstrap needs at least one value in every group")
+    rng = np.random.default_rng(seed)
+    means = np.zeros(resamples)
+    for values in groups:
+        data = np.asarray(values, dtype=np.float64)
+        means += data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
+    means /= len(groups)
+    tail = 50.0 * (1.0 - level)
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
 def _fmt(value, digits: int = 1) -> str:
     if value is None:
         return "–"
     return f"{value:.{digits}f}"
 
 
+def _budget_cell(row: dict) -> str:
+    matched = row.get("matched_to")
+    if matched:
+        return f"{row['budget']} (matched to {matched})" if row.get("budget") else f"matched to {matched}"
+    return str(row.get("budget") or "–")
+
+
+def _score_cell(row: dict) -> str:
+    ci = row.get("score_ci")
+    return _fmt(row["score"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """A markdown table of comparison rows (task, policy, budget, schedule, n, score,
-    normalized_score, cache_fraction, kv_bytes_peak_mean, prefill/decode tokens per second)."""
-    header = ("| task | policy | budget | schedule | n | score | normalised | cache fraction | KV MiB (peak, mean) "
-              "| prefill tok/s | decode tok/s |")
+    """A markdown table of comparison rows (task, policy, budget, schedule, protocol, n, score with
+    its 95% interval, normalized_score, kv_fraction, kv_fraction_peak, kv_bytes_peak_mean,
+    prefill/decode tokens per second)."""
+    header = ("| task | policy | budget | schedule | protocol | n | score [95% CI] | normalised | KV fraction "
+              "| KV fraction peak | KV MiB peak | prefill tok/s | decode tok/s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r['task']} | {r['policy']} | {r.get('budget') or '–'} | {r.get('schedule') or '–'} | {r['n']} "
-            f"| {_fmt(r['score'])} "
-            f"| {_fmt(r.get('normalized_score'))} | {_fmt(r['cache_fraction'], 3)} "
+            f"| {r['task']} | {r['policy']} | {_budget_cell(r)} | {r.get('schedule') or '–'} "
+            f"| {r.get('protocol') or '–'} | {r['n']} | {_score_cell(r)} | {_fmt(r.get('normalized_score'))} "
+            f"| {_fmt(r['kv_fraction'], 3)} | {_fmt(r['kv_fraction_peak'], 3)} "
             f"| {_fmt(r['kv_bytes_peak_mean'] / 2**20, 1)} | {_fmt(r['prefill_tokens_per_s'], 0)} "
             f"| {_fmt(r['decode_tokens_per_s'], 1)} |")
     return "\n".join(lines)
 
 
 def mean_rows(rows: list[dict]) -> list[dict]:
-    """One row per (policy, budget, schedule) averaging score, normalised score, cache fraction,
-    KV bytes and speed over tasks (task = 'mean')."""
+    """One row per (policy, budget, schedule, protocol) averaging score, normalised score, cache
+    and KV fractions, KV bytes and speed over tasks (task = 'mean'; rows matched to a policy's
+    memory group by that policy, whatever their per-task budget). With every row's
+    ``sample_scores`` (0-100), the score gets a bootstrap interval resampling each task on its own."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["policy"], r.get("budget"), r.get("schedule")), []).append(r)
+        budget = None if r.get("matched_to") else r.get("budget")
+        groups.setdefault((r["policy"], budget, r.get("matched_to"), r.get("schedule"), r.get("protocol")),
+                          []).append(r)
     out = []
-    for (policy, budget, schedule), rs in groups.items():
+    for (policy, budget, matched_to, schedule, protocol), rs in groups.items():
         norms = [r["normalized_score"] for r in rs if r.get("normalized_score") is not None]
         mean = lambda key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+        scored = all(r.get("sample_scores") for r in rs)
         out.append({
-            "task": "mean", "policy": policy, "budget": budget, "schedule": schedule, "n": sum(r["n"] for r in rs),
-            "score": mean("score"), "normalized_score": sum(norms) / len(norms) if norms else None,
-            "cache_fraction": mean("cache_fraction"), "kv_bytes_peak_mean": mean("kv_bytes_peak_mean"),
+            "task": "mean", "policy": policy, "budget": budget, "matched_to": matched_to, "schedule": schedule,
+            "protocol": protocol, "n": sum(r["n"] for r in rs), "score": mean("score"),
+            "score_ci": bootstrap_interval([r["sample_scores"] for r in rs]) if scored else None,
+            "normalized_score": sum(norms) / len(norms) if norms else None,
+            "cache_fraction": mean("cache_fraction"), "kv_fraction": mean("kv_fraction"),
+            "kv_fraction_peak": max(r["kv_fraction_peak"] for r in rs),
+            "kv_bytes_peak_mean": mean("kv_bytes_peak_mean"),
             "prefill_tokens_per_s": mean("prefill_tokens_per_s"), "decode_tokens_per_s": mean("decode_tokens_per_s"),
         })
     return out

@@ -6,8 +6,11 @@ Results go to an output folder that doubles as a resume point:
 * ``predictions.jsonl``: one row per finished sample (with a digest of the sample), appended and
   flushed as soon as its batch finishes, so an interrupted run loses at most the batch in flight.
   A rerun skips finished samples, so asking for more samples later only runs the new ones.
-* ``metrics.json``: the aggregate (score 0-100, cache fraction, KV bytes, tokens/s, wall time) and
-  the policy's compression schedule.
+* ``metrics.json``: the aggregate (score 0-100 with a bootstrap 95% interval, cache fraction, KV
+  fraction after compressions and at peak, KV bytes, tokens/s, wall time), the policy's
+  compression schedule and the protocol: ``query-aware`` (the whole prompt is read before any
+  compression) or ``query-agnostic`` (the context is compressed before the question is seen,
+  kvpress's convention).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
-from namm.memory.generation import generate
+from namm.memory.generation import GenerationOutput, generate
 from namm.policies.base import MemoryPolicy
 from namm.tasks.base import Sample
 from namm.tasks.longbench import read_jsonl
@@ -30,6 +33,7 @@ from namm.tasks.metrics import get_metric, score_sample
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
 CONFIG = "config.json"
+QUERY_AWARE, QUERY_AGNOSTIC = "query-aware", "query-agnostic"
 
 
 def sample_digest(sample: Sample) -> str:
@@ -79,7 +83,7 @@ def _check_config(out: Path, config: dict) -> None:
             old = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             raise ValueError(f"{file} is not valid JSON; delete it or choose another output folder") from None
-        keys = ("task", "model", "policy_config")
+        keys = ("task", "model", "policy_config", "protocol")
         diff = [k for k in keys if old.get(k) != config.get(k)]
         if diff:
             raise ValueError(f"{out} holds results of a different run (differs in: {', '.join(diff)}); "
@@ -107,10 +111,22 @@ def _batches(samples: list[Sample], size: int) -> Iterable[list[Sample]]:
         yield batch
 
 
-def _run_batch(model, tokenizer, policy: MemoryPolicy, batch: list[Sample]) -> list[dict]:
+def compressed_fraction(out: GenerationOutput) -> float:
+    """Mean KV bytes / full-cache KV bytes right after each compression of one generation (the
+    quantity a budget bounds); the fraction held at the end when nothing was compressed."""
+    if not out.history:
+        return out.kv_bytes / out.kv_bytes_full
+    return sum(h.kv_bytes / h.kv_bytes_full for h in out.history) / len(out.history)
+
+
+def _run_batch(model, tokenizer, policy: MemoryPolicy, batch: list[Sample], agnostic: bool) -> list[dict]:
     start = time.perf_counter()
-    outs = generate(model, tokenizer, [s.prompt for s in batch], policy=policy,
-                    max_new_tokens=batch[0].max_new_tokens)
+    if agnostic:
+        outs = generate(model, tokenizer, [s.context for s in batch], policy=policy, record_history=True,
+                        max_new_tokens=batch[0].max_new_tokens, question=[s.question for s in batch])
+    else:
+        outs = generate(model, tokenizer, [s.prompt for s in batch], policy=policy, record_history=True,
+                        max_new_tokens=batch[0].max_new_tokens)
     wall = time.perf_counter() - start
     prompt_total = sum(o.prompt_tokens for o in outs) or 1
     new_total = sum(len(o.token_ids) for o in outs) or 1
@@ -123,6 +139,7 @@ def _run_batch(model, tokenizer, policy: MemoryPolicy, batch: list[Sample]) -> l
             "metric": s.metric, "prompt_tokens": o.prompt_tokens, "new_tokens": len(o.token_ids),
             "cache_fraction": o.cache_fraction, "cache_tokens_per_layer": o.cache_tokens_per_layer,
             "kv_bytes_peak": o.kv_bytes_peak, "kv_bytes_full_peak": o.kv_bytes_full_peak,
+            "kv_fraction": compressed_fraction(o), "kv_fraction_peak": o.kv_bytes_peak / o.kv_bytes_full_peak,
             "prefill_s": o.prefill_seconds * share, "decode_s": o.decode_seconds * len(o.token_ids) / new_total,
             "wall_s": wall * share,
         })
@@ -130,7 +147,12 @@ def _run_batch(model, tokenizer, policy: MemoryPolicy, batch: list[Sample]) -> l
 
 
 def aggregate(rows: list[dict]) -> dict:
-    """The metrics.json numbers of a list of prediction rows."""
+    """The metrics.json numbers of a list of prediction rows: ``score_ci`` is the bootstrap 95%
+    interval of the score; ``kv_fraction`` the mean over samples of :func:`compressed_fraction`
+    (the memory a budget sets), ``kv_fraction_peak`` the largest peak KV bytes / full-cache KV
+    bytes (at the end) of any sample."""
+    from namm.eval.report import bootstrap_interval
+
     n = len(rows)
     if n == 0:
         raise ValueError("no finished samples to aggregate")
@@ -139,7 +161,10 @@ def aggregate(rows: list[dict]) -> dict:
     return {
         "n": n,
         "score": 100.0 * sum(r["score"] for r in rows) / n,
+        "score_ci": bootstrap_interval([[100.0 * r["score"] for r in rows]]),
         "cache_fraction": sum(r["cache_fraction"] for r in rows) / n,
+        "kv_fraction": sum(r["kv_fraction"] for r in rows) / n,
+        "kv_fraction_peak": max(r["kv_fraction_peak"] for r in rows),
         "kv_bytes_peak": max(r["kv_bytes_peak"] for r in rows),
         "kv_bytes_full_peak": max(r["kv_bytes_full_peak"] for r in rows),
         "kv_bytes_peak_mean": sum(r["kv_bytes_peak"] for r in rows) / n,
@@ -152,8 +177,11 @@ def aggregate(rows: list[dict]) -> dict:
 
 def evaluate(model, tokenizer, policy: MemoryPolicy, samples: list[Sample], out_dir: str | Path | None = None,
              batch_size: int = 1, progress: bool = True, task: str | None = None, model_name: str | None = None,
-             extra: dict | None = None) -> dict:
+             extra: dict | None = None, question_after_compression: bool = False) -> dict:
     """Answer every sample with ``policy`` and return the metrics.json dict.
+
+    ``question_after_compression`` runs the query-agnostic protocol (see :func:`namm.generate`'s
+    ``question``): every sample must carry its question apart.
 
     With ``out_dir``, writes config.json, predictions.jsonl (row by row) and metrics.json there,
     and skips samples already in predictions.jsonl (resume). ``task`` and ``model_name`` label the
@@ -169,11 +197,15 @@ def evaluate(model, tokenizer, policy: MemoryPolicy, samples: list[Sample], out_
         raise ValueError("sample ids must be unique")
     for s in samples:
         get_metric(s.metric)
+        if question_after_compression and s.question is None:
+            raise ValueError(f"sample {s.id} carries no separate question, which --question-after-compression "
+                             "needs (its template has no question part after the context)")
+    protocol = QUERY_AGNOSTIC if question_after_compression else QUERY_AWARE
     task = task or samples[0].id.rsplit("-", 3)[0]
     model_name = model_name or str(getattr(model.config, "_name_or_path", "model"))
     label = policy_label(policy)
     config = {"task": task, "model": model_name, "policy": label["policy"], "policy_config": label,
-              "n": len(samples), **(extra or {})}
+              "protocol": protocol, "n": len(samples), **(extra or {})}
     done: dict[str, dict] = {}
     out = None
     if out_dir is not None:
@@ -193,7 +225,7 @@ def evaluate(model, tokenizer, policy: MemoryPolicy, samples: list[Sample], out_
     handle = (out / PREDICTIONS).open("a", encoding="utf-8") if out is not None else None
     try:
         for batch in _batches(pending, batch_size):
-            for row in _run_batch(model, tokenizer, policy, batch):
+            for row in _run_batch(model, tokenizer, policy, batch, question_after_compression):
                 done[row["id"]] = row
                 if handle is not None:
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -206,7 +238,8 @@ def evaluate(model, tokenizer, policy: MemoryPolicy, samples: list[Sample], out_
         bar.close()
         if handle is not None:
             handle.close()
-    metrics = {"task": task, "policy": label["policy"], "schedule": label.get("schedule"), "model": model_name,
+    metrics = {"task": task, "policy": label["policy"], "schedule": label.get("schedule"), "protocol": protocol,
+               "model": model_name,
                **aggregate([done[i] for i in ids]), "policy_config": label, **(extra or {})}
     if out is not None:
         write_json(out / METRICS, metrics)

@@ -33,7 +33,7 @@ from namm.memory.cache import compaction_index, gather_slots
 from namm.memory.driver import MemoryRunner, memory_attention_enabled
 from namm.policies.base import LayerView, MemoryPolicy, make_policy
 from namm.policies.namm.policy import NAMMPolicy
-from namm.policies.namm.selection import select_tokens
+from namm.policies.namm.selection import out_of_window, select_tokens
 
 GATHER_FLOATS = 1 << 25  # feature floats gathered at once during a replay (bounds its memory)
 
@@ -75,6 +75,7 @@ class ProxyPrompt:
     values: list[Tensor]  # per layer: (H, U, D)
     continuation: Tensor  # prompt tokens after U, then the answer without its last token
     answer: Tensor  # (A,) reference answer token ids
+    windows: Tensor  # (L,) each layer's sliding window (a huge value for global layers)
 
     @property
     def num_layers(self) -> int:
@@ -113,7 +114,8 @@ def record_prompt(model: PreTrainedModel, namm: NAMMPolicy, prompt_ids: Tensor, 
     record = ProxyPrompt(key=key, task=task, seen=seen, features=features,
                        keys=[layer.keys[0].clone() for layer in layers],
                        values=[layer.values[0].clone() for layer in layers],
-                       continuation=continuation, answer=answer_ids.clone())
+                       continuation=continuation, answer=answer_ids.clone(),
+                       windows=torch.tensor([layer.sliding_window or 1 << 40 for layer in layers]))
     del runner, recorder, layers
     gc.collect()  # the cache and its layers reference each other: free the prompt's full cache now
     return record
@@ -147,7 +149,9 @@ def replay(prompt: ProxyPrompt, namm: NAMMPolicy, params: Tensor) -> Tensor:
             else:
                 x = gather_slots(features.expand(n, L, H, K, dim), order[rows], 3).reshape(n * L, H, W, dim)
                 scores = namm.net.score(x, valid, params[rows].repeat_interleave(L, dim=0))
-            keep[rows] = select_tokens(scores, valid, namm.threshold, namm.cap(seen.repeat(n))).view(n, L, H, W)
+            scores, cap = out_of_window(scores, valid, order[rows].reshape(n * L, H, W), seen.repeat(n),
+                                        prompt.windows.to(seen.device).repeat(n), namm.cap(seen.repeat(n)))
+            keep[rows] = select_tokens(scores, valid, namm.threshold, cap).view(n, L, H, W)
         held = torch.zeros_like(alive).scatter_(-1, order, keep & real)
     return held
 

@@ -63,6 +63,7 @@ class MemoryRunner:
     kv_bytes_peak: Tensor = field(init=False)
     history: list[UpdateRecord] = field(init=False, default_factory=list)
     policy_seconds: float = 0.0
+    holding: bool = field(init=False, default=False)  # inside updates_held: feeding never compresses
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -90,8 +91,9 @@ class MemoryRunner:
 
     def feed(self, rows_tokens: list[Tensor], progress=None, all_logits: bool = False,
              keep: int = 0) -> Tensor | list[Tensor]:
-        """Feed each row its tokens (1-D tensors, possibly empty); returns (B, vocab) logits of each
-        row's last fed token (rows fed nothing get zeros), or with ``all_logits`` a list holding,
+        """Feed each row its tokens (1-D tensors of token ids, or (n, hidden) input embeddings for a
+        model fed ``inputs_embeds``, e.g. a Decision Transformer; possibly empty); returns (B, vocab)
+        logits of each row's last fed token (rows fed nothing get zeros), or with ``all_logits`` a list holding,
         per row, the (n_b, vocab) float32 logits of every token fed (with ``keep`` > 0: of at most
         the last ``keep`` tokens of each forward step, the others are never computed)."""
         if len(rows_tokens) != self.batch_size:
@@ -122,7 +124,7 @@ class MemoryRunner:
             last_logits[fed] = logits[fed]
             for b, t in enumerate(takes):
                 done[b] += t
-            due = fed & (self.seen % self.policy.n_up == 0) if self.progressive else fed & False
+            due = fed & (self.seen % self.policy.n_up == 0) if self.progressive and not self.holding else fed & False
             if bool(due.any()):
                 self.update(due.nonzero().flatten())
             if progress is not None:
@@ -138,6 +140,27 @@ class MemoryRunner:
         if self.policy.evicts and self.policy.schedule == "prompt-end":
             self.update(torch.arange(self.batch_size))
             self.cache.query_window = 0  # no later update would read buffered queries
+
+    def end_context(self) -> None:
+        """The query-agnostic protocol: every row's context (its prompt without the question) has been
+        fed. Every policy compresses each row now, whatever its schedule (a row a progressive update
+        compressed at this very token is left as it is); feed the question inside
+        :meth:`updates_held`, so nothing compresses again before the first answer token."""
+        if self.policy.schedule == "prompt-end":
+            self.end_prompt()
+            return
+        due = self.seen != self.previous_update
+        if self.policy.evicts and bool(due.any()):
+            self.update(due.nonzero().flatten())
+
+    @contextmanager
+    def updates_held(self) -> Iterator[None]:
+        """Feeding inside this block never compresses (progressive updates resume after it)."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
 
     def preload(self, layers: list[tuple[Tensor, Tensor, Tensor]], seen: int) -> None:
         """Start every row from a given cache: per layer (keys, values, positions) as in
@@ -181,7 +204,9 @@ class MemoryRunner:
         """One forward over a left-padded (B, width) step; (B, vocab) last logits, or (B, width,
         vocab) with ``all_logits`` ((B, min(keep, width), vocab) with ``keep`` > 0)."""
         device = self.model.device
-        ids = torch.zeros(self.batch_size, width, dtype=torch.long)
+        embeds = next((p for p in pieces if p.dim() == 2), None)  # rows of input embeddings, not ids
+        ids = (torch.zeros(self.batch_size, width, dtype=torch.long) if embeds is None
+               else embeds.new_zeros(self.batch_size, width, embeds.shape[-1]))
         positions = torch.full((self.batch_size, width), -1, dtype=torch.long)
         for b, piece in enumerate(pieces):
             n = len(piece)
@@ -189,8 +214,9 @@ class MemoryRunner:
                 ids[b, width - n:] = piece
                 positions[b, width - n:] = torch.arange(int(self.seen[b]), int(self.seen[b]) + n)
         self.cache.step_positions = positions.to(device)
+        inputs = {"input_ids" if embeds is None else "inputs_embeds": ids.to(device)}
         out = self.model(
-            input_ids=ids.to(device), position_ids=positions.clamp(min=0).to(device), past_key_values=self.cache,
+            **inputs, position_ids=positions.clamp(min=0).to(device), past_key_values=self.cache,
             use_cache=True, logits_to_keep=(min(keep, width) if keep else 0) if all_logits else 1, namm_memory=self.cache,
         )
         self.seen += torch.tensor([len(p) for p in pieces])

@@ -65,24 +65,40 @@ def model_context(model: PreTrainedModel) -> int:
 Prompt = str | list[int] | Tensor
 
 
-def tokenize_prompts(tokenizer: PreTrainedTokenizerBase | None, prompts: list[Prompt], context: int) -> list[Tensor]:
-    """Token ids of each prompt (text, or token ids already); clear errors for empty or over-long prompts."""
+def tokenize_prompts(tokenizer: PreTrainedTokenizerBase | None, prompts: list[Prompt], context: int,
+                     add_special_tokens: bool = True, what: str = "prompt") -> list[Tensor]:
+    """Token ids of each prompt (text, or token ids already); clear errors, naming each as ``what``,
+    for empty or over-long prompts. ``add_special_tokens=False``: text gets no BOS (a question)."""
     out = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             if not prompt.strip():
-                raise ValueError(f"prompt {i} is empty")
+                raise ValueError(f"{what} {i} is empty")
             if tokenizer is None:
-                raise ValueError("a tokenizer is needed for text prompts")
-            ids = torch.tensor(tokenizer(prompt).input_ids, dtype=torch.long)
+                raise ValueError(f"a tokenizer is needed for text {what}s")
+            ids = torch.tensor(tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids, dtype=torch.long)
         else:
             ids = torch.as_tensor(prompt, dtype=torch.long).flatten()
         if len(ids) == 0:
-            raise ValueError(f"prompt {i} is empty")
+            raise ValueError(f"{what} {i} is empty")
         if len(ids) >= context:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's context is {context} tokens")
+            raise ValueError(f"{what} {i} has {len(ids)} tokens; the model's context is {context} tokens")
         out.append(ids)
     return out
+
+
+def _question_ids(tokenizer: PreTrainedTokenizerBase | None, question: Prompt | list[Prompt], single: bool,
+                  ids: list[Tensor], context: int) -> list[Tensor]:
+    """Token ids of the question of every prompt; a clear error when context and question do not fit."""
+    questions = [question] if single else list(question)
+    if len(questions) != len(ids):
+        raise ValueError(f"{len(questions)} questions for {len(ids)} prompts")
+    asked = tokenize_prompts(tokenizer, questions, context, add_special_tokens=False, what="question")
+    for i, (x, q) in enumerate(zip(ids, asked)):
+        if len(x) + len(q) >= context:
+            raise ValueError(f"prompt {i} and its question have {len(x) + len(q)} tokens; the model's context is "
+                             f"{context} tokens")
+    return asked
 
 
 def _sampler(do_sample: bool, temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
@@ -125,6 +141,7 @@ def generate(
     record_history: bool = False,
     progress: bool = False,
     eos_token_id: list[int] | None | str = "auto",
+    question: Prompt | list[Prompt] | None = None,
 ) -> GenerationOutput | list[GenerationOutput]:
     """Generate from one prompt (or a list: a batch) with ``policy`` managing the KV cache.
 
@@ -134,6 +151,11 @@ def generate(
     prompt, each identical to what the prompt would give alone. ``eos_token_id`` overrides the
     model's end-of-sequence ids (None: never stop early). A policy on the prompt-end schedule
     compresses once, after the whole prompt and before the first generated token.
+
+    With ``question`` (one per prompt, text tokenized without special tokens, or token ids) the
+    prompt is a context and the query-agnostic protocol runs: the context is prefilled (progressive
+    policies update on their schedule) and compressed once by every policy, then the question is
+    fed with no compression before the first answer token; decoding follows the policy's schedule.
     """
     single = isinstance(prompt, str) or (isinstance(prompt, Tensor) and prompt.dim() == 1) or (
         isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int))
@@ -145,6 +167,8 @@ def generate(
     policy = make_policy("full") if policy is None else (make_policy(policy) if isinstance(policy, str) else policy)
     context = model_context(model)
     ids = tokenize_prompts(tokenizer, prompts, context)
+    asked = None if question is None else _question_ids(tokenizer, question, single, ids, context)
+    lengths = [len(x) for x in ids] if asked is None else [len(x) + len(q) for x, q in zip(ids, asked)]
     B = len(ids)
     runner = MemoryRunner(model, policy, B, chunk_size=chunk_size, record_history=record_history)
     eos = _eos_ids(model, tokenizer) if eos_token_id == "auto" else set(eos_token_id or [])
@@ -152,17 +176,22 @@ def generate(
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     generated: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
-    budget = [min(max_new_tokens, context - len(x)) for x in ids]
+    budget = [min(max_new_tokens, context - n) for n in lengths]
 
     with memory_attention_enabled(model):
         t0 = time.perf_counter()
-        with tqdm(total=sum(len(x) for x in ids), desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
+        with tqdm(total=sum(lengths), desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
             shared = runner.shareable(ids)  # identical prompts (a population): common prefix computed once
             if shared:
                 runner.feed_shared(ids[0][:shared])
                 bar.update(shared * B)
             logits = runner.feed([x[shared:] for x in ids], progress=bar)
-        runner.end_prompt()
+            if asked is None:
+                runner.end_prompt()
+            else:
+                runner.end_context()
+                with runner.updates_held():
+                    logits = runner.feed(asked, progress=bar)
         t1 = time.perf_counter()
         for step in tqdm(range(max(budget, default=0)), desc="decode", unit="tok", disable=not progress, leave=False):
             history = torch.stack([torch.tensor(g[-1:] or [0]) for g in generated])
@@ -203,7 +232,7 @@ def generate(
             if s in text:
                 text = text[: text.index(s)]
         outputs.append(GenerationOutput(
-            text=text, token_ids=generated[b], prompt_tokens=len(ids[b]), tokens_seen=int(runner.seen[b]),
+            text=text, token_ids=generated[b], prompt_tokens=lengths[b], tokens_seen=int(runner.seen[b]),
             cache_tokens_per_layer=counts[:, b].tolist(), kv_bytes=int(kv_now[b]), kv_bytes_full=int(kv_full[b]),
             kv_bytes_peak=int(peak[b]), kv_bytes_full_peak=int(kv_full[b]),
             prefill_seconds=t1 - t0, decode_seconds=t2 - t1, policy_seconds=runner.policy_seconds,

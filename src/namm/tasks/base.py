@@ -13,6 +13,9 @@ class Sample:
     ``metric`` names a function in :mod:`namm.tasks.metrics`; ``all_classes`` is the label set of
     classification tasks; ``length`` the prompt length in tokens when known. ``first_line``
     scores only the first non-empty line of the prediction (LongBench's rule for few-shot tasks).
+    ``question``, when the task separates it, is the final part of ``prompt`` that asks (the
+    question and answer prefix); the rest is the :attr:`context`, which the query-agnostic protocol
+    compresses before the question is seen. ``truncated``: the prompt was cut to fit a length.
     """
 
     id: str
@@ -23,6 +26,17 @@ class Sample:
     all_classes: list[str] | None = None
     length: int | None = None
     first_line: bool = False
+    question: str | None = None
+    truncated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.question is not None and not (self.question and self.prompt.endswith(self.question)):
+            raise ValueError(f"sample {self.id}: the question must be a non-empty ending of the prompt")
+
+    @property
+    def context(self) -> str:
+        """The prompt without its question (the whole prompt when the sample carries no question)."""
+        return self.prompt[:len(self.prompt) - len(self.question)] if self.question else self.prompt
 
     def to_dict(self) -> dict:
         return asdict(self)

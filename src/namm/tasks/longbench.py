@@ -5,13 +5,16 @@ A dataset task reads LongBench-format rows (``context``, ``input``, ``answers``,
 (default ``~/.cache/namm/data``), or, when the ``datasets`` package is installed and the hub is
 reachable, from the hub (then saved to that path for next time). Each row is formatted with the
 task's prompt template (``data/SUITE.json``: template, max new tokens, metric, first-line rule)
-and truncated in the middle to the requested length, as LongBench does.
+and truncated in the middle to the requested length, as LongBench does. The part of the template
+after ``{context}`` (question and answer prefix) is the sample's question when it survives the
+truncation whole and the context part holds no ``{input}``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import string
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -100,15 +103,30 @@ def format_prompt(template: str, fields: dict) -> str:
     return template.format_map(_Fields({k: v for k, v in fields.items() if isinstance(v, (str, int, float))}))
 
 
+def question_template(template: str) -> str | None:
+    """The question part of a prompt template: what follows its last ``{context}`` (None when the
+    template has no ``{context}``, nothing after it, or an ``{input}`` before it)."""
+    end = template.rfind("{context}") + len("{context}")
+    if end < len("{context}") or end == len(template) or "{input}" in template[:end]:
+        return None
+    return template[end:]
+
+
 def build_sample(row: dict, index: int, prefix: str, template: str, metric: str, max_new_tokens: int,
                  first_line: bool, tokenizer, max_length: int, answers: list[str] | None = None,
                  fields: dict | None = None) -> Sample:
-    """One Sample from a row: formatted, truncated in the middle to ``max_length`` tokens."""
-    prompt = truncate_middle(tokenizer, format_prompt(template, fields or row), max_length)
+    """One Sample from a row: formatted, truncated in the middle to ``max_length`` tokens, with its
+    question apart when the template separates one (see :func:`question_template`)."""
+    fields = fields or row
+    full = format_prompt(template, fields)
+    prompt = truncate_middle(tokenizer, full, max_length)
+    asks = question_template(template)
+    question = format_prompt(asks, fields) if asks else None
     rid = str(row.get("_id") or row.get("id") or index)
     return Sample(id=f"{prefix}-{index}-{rid}"[:120], prompt=prompt, answers=answers or answers_of(row),
                   max_new_tokens=max_new_tokens, metric=metric, all_classes=row.get("all_classes") or None,
-                  length=len(tokenizer(prompt).input_ids), first_line=first_line)
+                  length=len(tokenizer(prompt).input_ids), first_line=first_line,
+                  question=question if question and prompt.endswith(question) else None, truncated=prompt != full)
 
 
 def hub_rows(repo: str, config: str | None, split: str, target: Path) -> list[dict] | None:
@@ -181,28 +199,49 @@ class DatasetTask:
         return out
 
 
-def samples_from_jsonl(path: str | Path, metric: str, tokenizer, max_length: int, n: int | None = None,
-                       template: str | None = None) -> list[Sample]:
-    """Samples from a LongBench-format JSONL file scored with ``metric``. The prompt template is
-    LongBench task ``template``, else the rows' ``dataset`` field when it names one, else a plain
-    context + question prompt."""
-    get_metric(metric)
+def template_spec(template: str | None, row: dict) -> dict:
+    """Prompt template, max new tokens and first-line rule of a row: LongBench task ``template``,
+    a format string ``template`` (fields of the row in braces, e.g. ``"{context}\\n\\n{input}"``), the
+    row's ``dataset`` field when it names a LongBench task, else a plain context + question prompt."""
     specs = task_specs("longbench")
-    if template is not None and template not in specs:
-        raise ValueError(f"unknown LongBench template {template!r}; choose one of: {', '.join(sorted(specs))}")
+    generic = {"prompt": GENERIC_TEMPLATE, "max_new_tokens": GENERIC_MAX_NEW_TOKENS, "first_line": False}
+    if template is None:
+        return specs.get(row.get("dataset"), generic)
+    if template in specs:
+        return specs[template]
+    if "{" not in template:
+        raise ValueError(f"unknown LongBench template {template!r}; choose one of: {', '.join(sorted(specs))}, "
+                         "or give a format string such as '{context}\\n\\n{input}'")
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"bad template format string {template!r}: {err}") from None
+    if "context" not in fields:
+        raise ValueError(f"the template format string {template!r} has no {{context}} field")
+    return {**generic, "prompt": template}
+
+
+def samples_from_jsonl(path: str | Path, metric: str, tokenizer, max_length: int | None, n: int | None = None,
+                       template: str | None = None, model_context: int | None = None) -> list[Sample]:
+    """Samples from a LongBench-format JSONL file scored with ``metric``, the prompt template
+    chosen by :func:`template_spec`. Prompts are cut in the middle to ``max_length`` tokens, or
+    with None to ``model_context`` minus the answer length (``Sample.truncated`` marks cut ones)."""
+    get_metric(metric)
+    if max_length is None and model_context is None:
+        raise ValueError("give max_length or model_context")
+    template_spec(template, {})
     rows = read_jsonl(path)
     if n is not None:
         rows = rows[:n]
     stem = Path(path).stem
     out = []
     for i, row in enumerate(rows):
-        name = template or (row.get("dataset") if row.get("dataset") in specs else None)
-        spec = specs[name] if name else {"prompt": GENERIC_TEMPLATE, "max_new_tokens": GENERIC_MAX_NEW_TOKENS,
-                                         "first_line": False}
+        spec = template_spec(template, row)
+        limit = max_length if max_length is not None else model_context - spec["max_new_tokens"]
         try:
             answers = answers_of(row)
             out.append(build_sample(row, i, stem, spec["prompt"], metric, spec["max_new_tokens"], spec["first_line"],
-                                    tokenizer, max_length, answers))
+                                    tokenizer, limit, answers))
         except ValueError as err:
             raise ValueError(f"{path}: line {row['_line']}: {err}") from None
         if metric == "classification" and not out[-1].all_classes:

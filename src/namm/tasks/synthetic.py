@@ -5,6 +5,8 @@ and :func:`fit_size` searches the size whose prompt has the requested number of 
 prompts hit their length within a few tokens. Haystack text comes from the offline corpus
 (:mod:`namm.tasks.corpus`, ``train`` split). Prompts are plain completions (no chat template)
 ending where the answer should start; answers are short strings checked by RULER's string match.
+Every prompt is a context (everything up to and including the haystack or list) followed by a
+question (the final question and answer prefix), kept apart in :attr:`Sample.question`.
 The same task, tokenizer, length, count and seed always give the same samples.
 """
 
@@ -20,7 +22,7 @@ from typing import Callable
 from namm.tasks.base import Sample, register_task
 from namm.tasks.corpus import all_paragraphs, corpus_tokens
 
-Built = tuple[str, list[str]]  # (prompt, answers)
+Built = tuple[str, str, list[str]]  # (context, question, answers)
 
 
 def count_tokens(tokenizer, text: str) -> int:
@@ -66,14 +68,15 @@ def insert_at_depths(text: str, needles: list[tuple[float, str]]) -> str:
 
 
 def fit_size(tokenizer, target: int, build: Callable[[int], Built], minimum: int, rate: float) -> tuple[Built, int]:
-    """The (prompt, answers) whose prompt length is closest to ``target`` tokens, searching the
-    size argument of ``build`` from ``minimum`` by secant steps; returns it with its length."""
+    """The (context, question, answers) whose prompt (context + question) length is closest to
+    ``target`` tokens, searching the size argument of ``build`` from ``minimum`` by secant steps;
+    returns it with its length."""
     seen: dict[int, tuple[int, Built]] = {}
 
     def measure(size: int) -> int:
         if size not in seen:
             built = build(size)
-            seen[size] = (count_tokens(tokenizer, built[0]), built)
+            seen[size] = (count_tokens(tokenizer, built[0] + built[1]), built)
         return seen[size][0]
 
     base = measure(minimum)
@@ -135,8 +138,8 @@ def passkey(rng: random.Random, hay: Haystack) -> Callable[[int], Built]:
     key = _number(rng, 5)
     depth = rng.uniform(0.05, 0.95)
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    return lambda n: (PASSKEY_INTRO + insert_at_depths(hay.text(n), [(depth, needle)])
-                      + "\n\nWhat is the pass key? The pass key is", [key])
+    return lambda n: (PASSKEY_INTRO + insert_at_depths(hay.text(n), [(depth, needle)]),
+                      "\n\nWhat is the pass key? The pass key is", [key])
 
 
 def niah(keys: int, values: int, queries: int) -> Callable[[random.Random, Haystack], Callable[[int], Built]]:
@@ -158,7 +161,7 @@ def niah(keys: int, values: int, queries: int) -> Callable[[random.Random, Hayst
             who = asked[0] if queries == 1 else ", ".join(asked[:-1]) + " and " + asked[-1]
             question = (f"What are all the special magic numbers for {who} mentioned in the provided text? "
                         f"The special magic numbers for {who} mentioned in the provided text are")
-        return lambda n: (NIAH_INTRO + insert_at_depths(hay.text(n), placed) + "\n\n" + question, answers)
+        return lambda n: (NIAH_INTRO + insert_at_depths(hay.text(n), placed), "\n\n" + question, answers)
 
     return make
 
@@ -180,7 +183,7 @@ def variable_tracking(rng: random.Random, hay: Haystack, hops: int = 4) -> Calla
                 f"Answer: According to the chain of variable assignments in the text above, {len(names)} variables "
                 f"are assigned the value {value}, they are:")
     intro = "Memorize and track the chain of variable assignments hidden in the following text.\n\n"
-    return lambda n: (intro + insert_at_depths(hay.text(n), placed) + question, names)
+    return lambda n: (intro + insert_at_depths(hay.text(n), placed), question, names)
 
 
 FIRST_NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiroshi", "Ingrid", "Jonas",
@@ -216,9 +219,8 @@ def multidoc_qa(rng: random.Random, hay: Haystack, people: int = 6) -> Callable[
             i = min(int(depth * len(docs)), len(docs) - 1)
             docs[i] = insert_at_depths(docs[i], [(_stable_depth(fact), fact)])
         body = "\n\n".join(f"Document {i + 1}: {d}" for i, d in enumerate(docs))
-        prompt = (f"{instruction}\n\nThe following are given documents.\n\n{body}\n\n{instruction}\n\n"
-                  f"Question: {question.format(names[0])}\nAnswer:")
-        return prompt, [picked[0]]
+        return (f"{instruction}\n\nThe following are given documents.\n\n{body}",
+                f"\n\n{instruction}\n\nQuestion: {question.format(names[0])}\nAnswer:", [picked[0]])
 
     return build
 
@@ -240,11 +242,12 @@ def passage_retrieval(rng: random.Random, hay: Haystack) -> Callable[[int], Buil
         sentences = [s for s in re.split(r"(?<=[.!?])\s+", whole[target]) if len(s) >= 30]
         quote = max(sentences, key=len) if sentences else whole[target][:200]
         body = "\n\n".join(f"Paragraph {i + 1}: {p}" for i, p in enumerate(paras))
-        prompt = (f"Here are {len(paras)} paragraphs, along with a sentence taken from one of them. Please determine "
-                  f"which paragraph the sentence is from.\n\n{body}\n\nThe following is the sentence.\n\n{quote}\n\n"
-                  f"Please enter the number of the paragraph that the sentence is from. The answer format must be "
-                  f"like \"Paragraph 1\", \"Paragraph 2\", etc.\n\nThe answer is: Paragraph")
-        return prompt, [f"Paragraph {target + 1}"]
+        context = (f"Here are {len(paras)} paragraphs, along with a sentence taken from one of them. Please "
+                   f"determine which paragraph the sentence is from.\n\n{body}")
+        question = (f"\n\nThe following is the sentence.\n\n{quote}\n\nPlease enter the number of the paragraph that "
+                    f"the sentence is from. The answer format must be like \"Paragraph 1\", \"Paragraph 2\", etc.\n\n"
+                    f"The answer is: Paragraph")
+        return context, question, [f"Paragraph {target + 1}"]
 
     return build
 
@@ -262,10 +265,11 @@ def common_words(rng: random.Random, length: int, common: int = 10) -> Callable[
         items = [w for w in top for _ in range(repeats)] + rest[:n]
         random.Random(order_seed).shuffle(items)
         body = "\n".join(f"{i + 1}. {w}" for i, w in enumerate(items))
-        prompt = ("Below is a numbered list of words. In these words, some appear more often than others. "
-                  f"Memorize the ones that appear most often.\n{body}\nQuestion: What are the {common} most common "
-                  f"words in the above list? Answer: The top {common} words that appear most often in the list are:")
-        return prompt, list(top)
+        context = ("Below is a numbered list of words. In these words, some appear more often than others. "
+                   f"Memorize the ones that appear most often.\n{body}")
+        question = (f"\nQuestion: What are the {common} most common words in the above list? Answer: The top "
+                    f"{common} words that appear most often in the list are:")
+        return context, question, list(top)
 
     return build
 
@@ -288,11 +292,12 @@ def frequent_words(rng: random.Random, length: int, alpha: float = 2.0, vocab: i
         text = stream[:n]
         counts = Counter(text)
         top = [w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], text.index(wc[0])))[:3]]
-        prompt = ("Read the following coded text and track the frequency of each coded word. Find the three most "
-                  f"frequently appeared coded words. {' '.join(text)}\nQuestion: Do not provide any explanation. "
-                  "What are the three most frequently appeared words in the above coded text? Answer: According to "
-                  "the coded text above, the three most frequently appeared words are:")
-        return prompt, top
+        context = ("Read the following coded text and track the frequency of each coded word. Find the three most "
+                   f"frequently appeared coded words. {' '.join(text)}")
+        question = ("\nQuestion: Do not provide any explanation. What are the three most frequently appeared words "
+                    "in the above coded text? Answer: According to the coded text above, the three most frequently "
+                    "appeared words are:")
+        return context, question, top
 
     return build
 
@@ -310,9 +315,8 @@ def kv_retrieval(rng: random.Random, length: int) -> Callable[[int], Built]:
         items = pairs[:n]
         key, value = items[min(int(depth * n), n - 1)]
         body = "{" + ", ".join(f'"{k}": "{v}"' for k, v in items) + "}"
-        prompt = ("Extract the value corresponding to the specified key in the JSON object below.\n\n"
-                  f"JSON data:\n{body}\n\nKey: \"{key}\"\nThe value associated with the specified key is: \"")
-        return prompt, [value]
+        context = f"Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{body}"
+        return context, f"\n\nKey: \"{key}\"\nThe value associated with the specified key is: \"", [value]
 
     return build
 
@@ -349,9 +353,9 @@ class SyntheticTask:
         else:
             build = self.make(rng, length)
             minimum = 1
-        (prompt, answers), got = fit_size(tokenizer, length, build, minimum, self.rate)
-        return Sample(id=f"{self.name}-{length}-{seed}-{index}", prompt=prompt, answers=answers,
-                      max_new_tokens=self.max_new_tokens, metric=self.metric, length=got)
+        (context, question, answers), got = fit_size(tokenizer, length, build, minimum, self.rate)
+        return Sample(id=f"{self.name}-{length}-{seed}-{index}", prompt=context + question, answers=answers,
+                      max_new_tokens=self.max_new_tokens, metric=self.metric, length=got, question=question)
 
 
 SYNTHETIC_TASKS = [

@@ -21,7 +21,7 @@ from namm.policies.namm.checkpoint import (NAMMCheckpoint, load_namm_checkpoint,
                                           zeros_checkpoint)
 from namm.policies.namm.features import Normalization, layer_features, token_features
 from namm.policies.namm.scorers import make_scorer
-from namm.policies.namm.selection import select_tokens
+from namm.policies.namm.selection import out_of_window, select_tokens
 
 
 @register_policy("namm")
@@ -64,11 +64,19 @@ class NAMMPolicy(MemoryPolicy):
             self._load(self.checkpoint)
 
     def bind(self, model) -> None:
-        """Resolve the default checkpoint for ``model`` (the one shipped for it) if none is loaded."""
+        """Resolve the default checkpoint for ``model`` (the one shipped for it) if none is loaded,
+        and check that the checkpoint can run on it. A checkpoint runs on any decoder (zero-shot
+        transfer, docs/algorithm.md §11): its parameters are shared by every layer and head and its
+        features depend only on attention and token distances."""
         if self.loaded_checkpoint is None:
             from namm.models import registry_name
 
             self._load(shipped_namm_for(registry_name(model)))
+        context = int(getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 1 << 30)
+        if context <= self.n_up:
+            source = self.loaded_checkpoint.provenance.get("model", "its source model")
+            raise ValueError(f"this NAMM (from {source}) updates every {self.n_up} tokens but the model's context "
+                             f"is {context} tokens, so it would never run; pass a smaller n_up")
 
     def _load(self, checkpoint: str | NAMMCheckpoint) -> None:
         if isinstance(checkpoint, NAMMCheckpoint):
@@ -165,4 +173,8 @@ class NAMMPolicy(MemoryPolicy):
         return self.net.score(self.token_features(view), view.valid, self.row_params(view.rows))
 
     def select(self, view: LayerView) -> Tensor:
-        return select_tokens(self.scores(view), view.valid, self.threshold, self.cap(view.tokens_seen))
+        scores, cap = self.scores(view), self.cap(view.tokens_seen)
+        if view.sliding_window is not None:
+            window = torch.full_like(view.tokens_seen, int(view.sliding_window))
+            scores, cap = out_of_window(scores, view.valid, view.positions, view.tokens_seen, window, cap)
+        return select_tokens(scores, view.valid, self.threshold, cap)

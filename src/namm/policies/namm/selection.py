@@ -31,3 +31,15 @@ def select_tokens(scores: Tensor, valid: Tensor, threshold: float = 0.0, cap: Te
     if cap is not None:
         count = torch.minimum(count, cap.to(count.device))
     return keep_top(scores, count, valid)
+
+
+def out_of_window(scores: Tensor, valid: Tensor, positions: Tensor, tokens_seen: Tensor, window: Tensor,
+                  cap: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Scores and cap for a sliding-window layer (docs/algorithm.md §6): a token at or before
+    ``tokens_seen - window`` can never be attended again, so it ranks last (-inf) and the count is
+    capped at the most tokens still inside the window of any head. ``window`` is (B,) per row (a
+    huge value for a global layer); ``positions`` (B, H, K) absolute positions."""
+    dead = valid & (positions <= (tokens_seen - window).view(-1, 1, 1))
+    alive = (valid & ~dead).sum(-1).amax(-1)
+    limit = alive if cap is None else torch.minimum(cap.to(alive.device), alive)
+    return scores.masked_fill(dead, float("-inf")), limit
