@@ -29,7 +29,7 @@ def kept_shares(runner: MemoryRunner, steps: int) -> tuple[np.ndarray, np.ndarra
     for layer in runner.cache.layers:
         positions = layer.positions.cpu()  # (B, H, K)
         held = torch.zeros(positions.shape[0], positions.shape[1], width + 1)
-        held.scatter_(2, torch.where(positions >= 0, positions, width).clamp(max=width), 1.0)
+        held.scatter_(2, torch.where(positions >= 0, positions, width), 1.0)  # empty slots -> spare column
         shares.append(held[..., :width].mean(1).view(-1, steps, TOKENS_PER_STEP))
     scored = torch.arange(width)[None] < runner.previous_update[:, None]
     return torch.stack(shares).numpy(), scored.view(-1, steps, TOKENS_PER_STEP).numpy()
