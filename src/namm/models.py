@@ -132,10 +132,36 @@ def resolve_model_dir(name_or_path: str) -> tuple[str, str | None]:
     return name_or_path, None  # a hub id, for users who are online
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_device() -> str:
+    """"cuda" when a GPU is available, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
+    """A torch dtype from a dtype or its name (float32, bfloat16, float16); None: float32 on the
+    CPU, bfloat16 on an accelerator."""
+    if dtype is None:
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer by registry name, directory, ``.gguf`` path or hub id."""
+    """Load a causal LM and its tokenizer by registry name, directory, ``.gguf`` path or hub id, in
+    eval mode on ``device`` (default: "cuda" when available, else "cpu") with ``dtype`` (default:
+    float32 on the CPU, bfloat16 on a GPU)."""
+    device = torch.device(default_device() if device is None else device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available here")
+    dtype = resolve_dtype(dtype, device)
     where, gguf = resolve_model_dir(name_or_path)
     kwargs = {"gguf_file": gguf} if gguf else {}
     hf_logging.disable_progress_bar()  # a sub-second load needs no bar; ours report the real work

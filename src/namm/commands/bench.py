@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from namm.commands.common import add_model_args, set_threads, writable_dir
+from namm.commands.common import add_model_args, load_model_from_args, set_threads, writable_dir
 
 
 def add_parser(sub) -> None:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     for name in policies:
         namm.make_policy(name, budget=args.budget)  # fail fast on a bad name or budget
-    model, tokenizer = namm.load_model(args.model)
+    model, tokenizer = load_model_from_args(args)
     cfg = BenchmarkConfig(args.prefill_tokens, args.decode_context, args.decode_tokens, args.budget, policies,
                           args.repeats)
     figures = runtime_benchmark(model, tokenizer, cfg) | {"model": args.model}

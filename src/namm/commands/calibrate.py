@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from namm.commands.common import add_model_args, read_text_file, set_threads, show_progress
+from namm.commands.common import add_model_args, load_model_from_args, read_text_file, set_threads, show_progress
 
 
 def add_parser(sub) -> None:
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise ValueError("--samples must be >= 1")
     texts = [read_text_file(f) for f in args.prompt_file] if args.prompt_file else None
-    model, tokenizer = namm.load_model(args.model)
+    model, tokenizer = load_model_from_args(args)
     texts = texts if texts is not None else task_prompts(args, tokenizer)
     ids = tokenize_prompts(tokenizer, texts, model_context(model))
     if all(len(x) < args.n_up for x in ids):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from namm.models import DEFAULT_MODEL, MODELS
+from namm.models import DEFAULT_MODEL, DTYPES, MODELS
 from namm.policies.base import SCHEDULES, MemoryPolicy, make_policy, policy_names
 
 
@@ -18,7 +18,23 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"registry name ({', '.join(MODELS)}), local directory, .gguf file or hub id "
                              f"(default: {DEFAULT_MODEL})")
+    add_device_args(parser)
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--dtype`` and ``--threads``: where and how the model runs."""
+    parser.add_argument("--device", default=None,
+                        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+
+
+def load_model_from_args(args: argparse.Namespace, name: str | None = None):
+    """(model, tokenizer) of ``name`` (default ``--model``) on ``--device`` with ``--dtype``."""
+    from namm.models import load_model
+
+    return load_model(name or args.model, dtype=args.dtype, device=args.device)
 
 
 def add_policy_args(parser: argparse.ArgumentParser, default: str = "full") -> None:

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from namm.commands.common import (
-    add_model_args, add_schedule_arg, policy_from_args, set_threads, show_progress, writable_dir,
+    add_model_args, add_schedule_arg, load_model_from_args, policy_from_args, set_threads, show_progress,
+    writable_dir,
 )
 from namm.commands.eval import add_data_file_args, add_sample_args, check_data_file_args, cut_note, load_samples
 
@@ -120,7 +121,6 @@ def build_policy(args: argparse.Namespace, policy: str, budget: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    import namm
     from namm.eval.plots import plot_score_vs_cache
     from namm.eval.report import markdown_table, mean_rows, normalized_score, reference_metrics, store_reference
     from namm.eval.runner import PREDICTIONS, evaluate, read_predictions
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     runs = plan(args)
     out = writable_dir(args.out)
     set_threads(args)
-    model, tokenizer = namm.load_model(args.model)
+    model, tokenizer = load_model_from_args(args)
     rows, references, matched = [], {}, {}
     for task, policy_name, budget in runs:
         if task not in references:

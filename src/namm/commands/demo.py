@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from namm.commands.common import add_model_args, set_threads, show_progress
+from namm.commands.common import add_model_args, load_model_from_args, set_threads, show_progress
 from namm.commands.generate import report
 
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                                                                                   budget=args.budget)
     policies[f"{args.baseline} ({args.budget})"] = namm.make_policy(args.baseline, budget=args.budget)
     task = get_task(args.task)
-    model, tokenizer = namm.load_model(args.model)
+    model, tokenizer = load_model_from_args(args)
     sample = task.samples(tokenizer, args.length, 1, seed=args.seed)[0]
     print(f"{args.model}: {args.task} prompt of {sample.length or args.length} tokens; expected answer: "
           f"{' | '.join(sample.answers)}\n")

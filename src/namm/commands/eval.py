@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from namm.commands.common import (
-    add_model_args, add_policy_args, policy_from_args, set_threads, show_progress, writable_dir,
+    add_model_args, add_policy_args, load_model_from_args, policy_from_args, set_threads, show_progress,
+    writable_dir,
 )
 
 PERPLEXITY = "perplexity"
@@ -141,7 +142,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import namm
     from namm.eval.runner import evaluate
     from namm.memory.generation import model_context
 
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
         check_perplexity_policy(policy)
     out = writable_dir(args.out)
-    model, tokenizer = namm.load_model(args.model)
+    model, tokenizer = load_model_from_args(args)
     extra = {"budget": args.budget, "checkpoint": args.checkpoint, "seed": args.seed}
     if args.task == PERPLEXITY:
         extra["length"] = args.length or DEFAULT_LENGTH

@@ -132,10 +132,12 @@ def run(args: argparse.Namespace) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     import torch
 
-    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    workers = init_workers(device)
+    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank if device.index is None else device.index)
+    workers = init_workers(str(device))
     try:
-        model, tokenizer = namm.load_model(config.model, device=device)
+        model, tokenizer = namm.load_model(config.model, dtype=args.dtype, device=device)
         trainer = Trainer(config, out, model, tokenizer, workers, progress=show_progress(args),
                           model_name=config.model)
         if args.resume:

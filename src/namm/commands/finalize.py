@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from namm.commands.common import set_threads, writable_dir
+from namm.commands.common import add_device_args, load_model_from_args, set_threads, writable_dir
 
 
 def add_parser(sub) -> None:
@@ -22,13 +22,12 @@ def add_parser(sub) -> None:
     p.add_argument("--target", type=float, default=0.35,
                    help="mean KV fraction threshold mode should hold on the training prompts (default 0.35)")
     p.add_argument("--prompts", type=int, default=16, help="training prompts used for the calibration (default 16)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    add_device_args(p)
     p.add_argument("--out", required=True, help="checkpoint path: FILE.json / FILE.safetensors, or a folder")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import namm
     from namm.evolve.proxy import ProxyScorer
     from namm.evolve.threshold import calibrate_threshold
     from namm.evolve.trainer import Trainer, build_policy, load_run_config
@@ -41,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prompts < 1:
         raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
     writable_dir(str(Path(args.out).parent if Path(args.out).suffix else Path(args.out)))
-    model, tokenizer = namm.load_model(config.model)
+    model, tokenizer = load_model_from_args(args, config.model)
     pool = Trainer(config, run_dir, model, tokenizer, progress=False).pool
     prompts = pool[:: max(1, len(pool) // args.prompts)][: args.prompts]
     policy = build_policy(run_dir / "normalization", config)

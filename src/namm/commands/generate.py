@@ -7,7 +7,8 @@ import json
 import sys
 
 from namm.commands.common import (
-    add_model_args, add_policy_args, policy_from_args, read_text_file, set_threads, show_progress,
+    add_model_args, add_policy_args, load_model_from_args, policy_from_args, read_text_file, set_threads,
+    show_progress,
 )
 
 
@@ -18,6 +19,9 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_policy_args(p)
     p.add_argument("--prompt-file", required=True, help="text file holding the prompt ('-' for stdin)")
+    p.add_argument("--chat", action="store_true",
+                   help="render the prompt with the tokenizer's chat template: the file is the user's message, or a "
+                        'JSON list of {"role": ..., "content": ...} messages')
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -37,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise ValueError(f"the prompt file {args.prompt_file} is empty")
     policy = policy_from_args(args)
-    model, tokenizer = namm.load_model(args.model)
+    model, tokenizer = load_model_from_args(args)
+    if args.chat:
+        prompt = chat_messages(prompt)
     out = namm.generate(model, tokenizer, prompt, policy=policy, max_new_tokens=args.max_new_tokens,
                         do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed, stop=args.stop, progress=not args.json and show_progress(args))
@@ -47,6 +53,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(report(out, args.policy))
     return 0
+
+
+def chat_messages(text: str) -> list[dict[str, str]]:
+    """The messages of a ``--chat`` prompt: a JSON list of messages, or the text as one user message."""
+    try:
+        messages = json.loads(text)
+    except json.JSONDecodeError:
+        return [{"role": "user", "content": text}]
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+        return [{"role": "user", "content": text}]
+    return messages
 
 
 def report(out, policy: str) -> str:

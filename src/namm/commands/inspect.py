@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from namm.commands.common import (
-    add_model_args, add_policy_args, policy_from_args, read_text_file, set_threads, show_progress, writable_dir,
+    add_model_args, add_policy_args, load_model_from_args, policy_from_args, read_text_file, set_threads,
+    show_progress, writable_dir,
 )
 from namm.policies.base import LayerView, MemoryPolicy
 
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-new-tokens must be >= 0")
     recorder = RetentionRecorder(policy_from_args(args))
     out_dir = writable_dir(args.out)
-    model, tokenizer = namm.load_model(args.model)
+    model, tokenizer = load_model_from_args(args)
     ids = tokenize_prompts(tokenizer, [prompt], model_context(model))[0]
     out = namm.generate(model, tokenizer, ids, policy=recorder, max_new_tokens=args.max_new_tokens,
                         record_history=True, progress=show_progress(args))

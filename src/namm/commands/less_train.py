@@ -6,7 +6,8 @@ import argparse
 import json
 
 from namm.commands.common import (
-    add_model_args, add_policy_args, policy_from_args, set_threads, show_progress, writable_dir,
+    add_model_args, add_policy_args, load_model_from_args, policy_from_args, set_threads, show_progress,
+    writable_dir,
 )
 
 
@@ -36,7 +37,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import namm
     from namm.less.training import TrainConfig, train_less
 
     set_threads(args)
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                          seed=args.seed)
     config.check(policy.n_up)
     out = writable_dir(args.out)
-    model, tokenizer = namm.load_model(args.model)
+    model, tokenizer = load_model_from_args(args)
     provenance = {"model": args.model, "policy": args.policy, "budget": args.budget, "n_up": policy.n_up}
     path = train_less(model, tokenizer, policy, out, config, provenance, progress=show_progress(args))
     layers = json.loads(path.with_suffix(".json").read_text())["provenance"]["layers"]

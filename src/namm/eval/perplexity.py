@@ -29,6 +29,11 @@ def check_perplexity_policy(policy: MemoryPolicy) -> None:
                          "schedule would never compress; use the progressive schedule (--schedule progressive)")
 
 
+def piece_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Summed negative log-likelihood of ``targets`` under (n, vocab) ``logits``, on the logits' device."""
+    return F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
+
+
 @torch.inference_mode()
 def evaluate_perplexity(model, tokens: Tensor, policy: MemoryPolicy, chunk_size: int = 128,
                         progress: bool = False) -> dict:
@@ -41,7 +46,7 @@ def evaluate_perplexity(model, tokens: Tensor, policy: MemoryPolicy, chunk_size:
     check_perplexity_policy(policy)
     start = time.perf_counter()
     runner = MemoryRunner(model, policy, 1, chunk_size=chunk_size)
-    total, previous = 0.0, None
+    total, previous = torch.zeros((), device=model.device), None
     with memory_attention_enabled(model), tqdm(total=len(tokens), desc="perplexity", unit="tok",
                                               disable=not progress, leave=False) as bar:
         for begin in range(0, len(tokens), PIECE):
@@ -52,10 +57,10 @@ def evaluate_perplexity(model, tokens: Tensor, policy: MemoryPolicy, chunk_size:
                 targets = piece
             else:
                 targets = piece[1:]
-            total += float(F.cross_entropy(logits[:len(targets)], targets, reduction="sum"))
+            total += piece_nll(logits[:len(targets)], targets)
             previous = logits[-1:]
     scored = len(tokens) - 1
-    nll = total / scored
+    nll = float(total) / scored
     counts = runner.cache.token_counts()[:, 0].float()
     kv_full = int(runner.kv_bytes_full()[0])
     out = {

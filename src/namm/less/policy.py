@@ -44,8 +44,10 @@ class LessPolicy(MemoryPolicy):
         return getattr(self.inner, item)
 
     def bind(self, model) -> None:
+        """Bind the wrapped policy and move the kernels to the model's device and dtype."""
         self.inner.bind(model)
         self.query_window, self.n_up = self.inner.query_window, self.inner.n_up
+        self.kernels.to(device=model.device, dtype=model.dtype)
 
     def reset(self, batch_size: int) -> None:
         self.inner.reset(batch_size)
@@ -67,7 +69,7 @@ class LessPolicy(MemoryPolicy):
         self._check(view.layer_idx, self.kernels.config.q_heads, H, D)
         evicted = view.valid & ~keep
         if bool(evicted.any()):
-            psi = self.kernels.layers[view.layer_idx].psi(view.keys.float())
+            psi = self.kernels.layers[view.layer_idx].psi(self._in_kernel_dtype(view.keys)).float()
             self.state.fold(view.layer_idx, view.rows, psi, view.values, evicted)
         return keep
 
@@ -84,9 +86,12 @@ class LessPolicy(MemoryPolicy):
         self._check(layer_idx, Hq, H, D)
         kernels = self.kernels.layers[layer_idx]
         out, lse = sparse_attention(query, key, value, visible, scaling)
-        phi = kernels.phi(query.float()).view(B, H, Hq // H, Q, -1)
-        mixed = mix_low_rank(out, lse, phi, kernels.log_scale.view(H, Hq // H), state_h, state_z)
+        phi = kernels.phi(self._in_kernel_dtype(query)).float().view(B, H, Hq // H, Q, -1)
+        mixed = mix_low_rank(out, lse, phi, kernels.log_scale.float().view(H, Hq // H), state_h, state_z)
         return mixed.reshape(B, Hq, Q, -1).to(query.dtype)
+
+    def _in_kernel_dtype(self, x: Tensor) -> Tensor:
+        return x.to(self.kernels.layers[0].log_scale.dtype)
 
     def state_nbytes(self) -> int:
         """Bytes of the LESS state of one sequence across all layers that use it."""

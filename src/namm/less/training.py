@@ -71,7 +71,7 @@ class _Recorder(MemoryPolicy):
 
     def attend(self, layer_idx, query, key, value, visible, scaling):
         Q = query.shape[2]  # one row, no padding: the step's keys are the last Q slots
-        self.qkv[layer_idx].append((query[0], key[0, :, -Q:], value[0, :, -Q:]))
+        self.qkv[layer_idx].append((query[0].cpu(), key[0, :, -Q:].cpu(), value[0, :, -Q:].cpu()))  # trained on the CPU
         return None
 
     def select(self, view: LayerView) -> Tensor:
@@ -80,7 +80,7 @@ class _Recorder(MemoryPolicy):
         gone = self.evicted[layer][-1].clone() if self.evicted[layer] else torch.zeros(
             view.keys.shape[1], self.length, dtype=torch.bool)
         heads, slots = (view.valid & ~keep)[0].nonzero(as_tuple=True)
-        gone[heads, view.positions[0, heads, slots]] = True
+        gone[heads.cpu(), view.positions[0, heads, slots].cpu()] = True
         self.updates[layer].append(int(view.tokens_seen[0]))
         self.evicted[layer].append(gone)
         return keep
@@ -245,7 +245,7 @@ def train_less(model, tokenizer, policy: MemoryPolicy, out_dir: str | Path, conf
             continue
         examples = _examples(files, layer_idx)
         if examples:
-            o_proj = modules[layer_idx].o_proj.weight.detach().float()
+            o_proj = modules[layer_idx].o_proj.weight.detach().float().cpu()
             report[layer_idx] = fit_layer(layer, examples, o_proj, config, progress, desc=f"layer {layer_idx}")
         else:
             report[layer_idx] = {"skipped": "sliding-window layer or no eviction"}

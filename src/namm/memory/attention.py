@@ -1,10 +1,17 @@
 """The attention function the memory runtime registers in transformers' ``AttentionInterface``.
 
-The model's output always goes through ``scaled_dot_product_attention``. The mask is built here
-from absolute positions (a key is visible to a query when it is a real token, not newer than the
-query and inside the layer's sliding window), because after eviction the cache index of a key no
-longer says how old it is. The queries a policy needs are buffered in the cache, and their
-attention probabilities are computed lazily at update time by :func:`buffered_attention`.
+With a :class:`~namm.memory.cache.MemoryCache`, each layer's call completes the forward step the
+cache began: the step's plan (absolute positions, padding, the memory updates due inside it) comes
+from the ``position_ids`` and the 4-D mask transformers passes to every attention call; the new
+keys get their positions; the queries are attended in segments split at the update points, each
+layer running its update between segments. The mask over keys is built from absolute positions (a
+key is visible to a query when it is a real token, not newer than the query and inside the
+layer's sliding window), because after eviction the cache index of a key no longer says how old
+it is. The output always goes through ``scaled_dot_product_attention``; the queries a policy needs
+are buffered in the cache, and their attention probabilities are computed lazily at update time
+by :func:`buffered_attention`.
+
+With any other cache the function is plain SDPA, so a model switched to it keeps working as usual.
 """
 
 from __future__ import annotations
@@ -13,6 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from namm.memory.cache import MemoryLayer, claim_layer
+from namm.memory.schedule import StepPlan
 
 ATTENTION_NAME = "namm_memory"
 
@@ -61,6 +73,33 @@ def buffered_attention(
     return probs.mean(2)
 
 
+def attend_segment(layer: MemoryLayer, step: StepPlan, query: Tensor, start: int, end: int) -> Tensor:
+    """(B, Hq, end - start, D) attention output of the step's queries ``start:end`` over the
+    layer's current slots (the step's keys are the last ``Q - start`` of them)."""
+    memory = layer.cache
+    q = query[:, :, start:end]
+    q_pos = step.positions[:, start:end]
+    keys, values, k_pos = layer.keys, layer.values, layer.positions
+    Hq, H = q.shape[1], keys.shape[1]
+    visible = visibility(q_pos, k_pos[:, :1] if layer.heads_aligned else k_pos, layer.sliding_window)
+    if step.padded:  # a padding query sees only its own slot, so it stays finite
+        K, n = k_pos.shape[-1], end - start
+        first = K - (query.shape[2] - start)
+        own = torch.zeros_like(visible[:, :1])
+        own[:, 0, :, first:first + n] = torch.diag_embed(q_pos < 0)
+        visible = visible | own
+    if not layer.heads_aligned:
+        visible = visible.repeat_interleave(Hq // H, dim=1)
+    attend = getattr(memory.policy, "attend", None)  # optional policy hook (e.g. LESS), see MemoryPolicy
+    out = None if attend is None else attend(layer.layer_idx, q, keys, values, visible, layer.scaling)
+    if out is None:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=layer.scaling,
+                                             enable_gqa=H != Hq)
+    if memory.query_window != 0:
+        layer.buffer_queries(q, q_pos, memory.query_window, step.padded)
+    return out
+
+
 def memory_attention(
     module: torch.nn.Module,
     query: Tensor,
@@ -70,37 +109,32 @@ def memory_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
-    namm_memory=None,
     **kwargs,
-) -> tuple[Tensor, None]:
-    """Attention over a :class:`~namm.memory.cache.MemoryCache` layer (keys already appended)."""
-    memory = namm_memory
-    if memory is None:
-        raise RuntimeError(f"the {ATTENTION_NAME!r} attention runs only inside namm's driver (namm.generate)")
-    layer = memory.layers[module.layer_idx]
-    scaling = module.scaling if scaling is None else scaling
-    layer.scaling, layer.sliding_window = scaling, sliding_window
-    q_pos = memory.step_positions
-    k_pos = layer.positions
-    B, Hq, Q, _ = query.shape
-    H = key.shape[1]
-    heads_aligned = H == 1 or bool((k_pos == k_pos[:, :1]).all())
-    visible = visibility(q_pos, k_pos[:, :1] if heads_aligned else k_pos, sliding_window)
-    padded = q_pos < 0
-    if bool(padded.any()):  # a padding query sees only its own slot, so it stays finite
-        K = k_pos.shape[-1]
-        own = torch.zeros(B, 1, Q, K, dtype=torch.bool, device=visible.device)
-        own[:, 0, :, K - Q:] = torch.diag_embed(padded)
-        visible = visible | own
-    if not heads_aligned:
-        visible = visible.repeat_interleave(Hq // H, dim=1)
-    attend = getattr(memory.policy, "attend", None)  # optional policy hook (e.g. LESS), see MemoryPolicy
-    out = None if attend is None else attend(module.layer_idx, query, key, value, visible, scaling)
-    if out is None:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scaling, enable_gqa=H != Hq)
-    if memory.query_window != 0:
-        layer.buffer_queries(query, memory.query_window)
+) -> tuple[Tensor, Tensor | None]:
+    """Attention over a :class:`~namm.memory.cache.MemoryCache` layer (its ``update`` has just
+    appended the step's keys), running the memory updates due in the step; SDPA otherwise."""
+    layer = claim_layer(key)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    memory = layer.cache
+    B, _, Q, _ = query.shape
+    step = memory.step_plan(layer.layer_idx, B, Q, attention_mask, kwargs.get("position_ids"))
+    layer.scaling = module.scaling if scaling is None else scaling
+    layer.sliding_window = sliding_window
+    layer.append_positions(step.positions)
+    parts, start = [], 0
+    for point in step.points:
+        if point.column > start:
+            parts.append(attend_segment(layer, step, query, start, point.column))
+            start = point.column
+        memory.update_layer(layer, point, tail=Q - point.column)
+    if start < Q:
+        parts.append(attend_segment(layer, step, query, start, Q))
+    memory.layer_done(layer.layer_idx)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTENTION_NAME, memory_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # standard masks; a MemoryCache sizes them to the step

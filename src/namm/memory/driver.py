@@ -1,17 +1,20 @@
-"""The driver: chunked prefill, memory updates on schedule, and the decode loop.
+"""The driver: chunked prefill and feeding, over a :class:`~namm.memory.cache.MemoryCache`.
 
 Every row of a batch keeps its own count of tokens seen. A step feeds each row the tokens up to
 its next boundary (a multiple of the chunk size or, on the progressive schedule, of the policy's
 ``n_up``); rows with fewer tokens are left-padded inside the step, and the padding is masked out
-and later dropped. On the progressive schedule a row is updated when its count of tokens seen
-reaches a multiple of ``n_up``, in prefill and in decoding alike, so a batch gives each row
+and later dropped. On the progressive schedule the cache updates a row when its count of tokens
+seen reaches a multiple of ``n_up``, in prefill and in decoding alike, so a batch gives each row
 exactly what it would get alone. On the prompt-end schedule feeding never updates: the caller
 runs :meth:`MemoryRunner.end_prompt` once, after every row's whole prompt.
+
+:func:`memory_cache` builds the same cache for transformers' own ``generate`` and pipelines,
+whose chunked prefill then drives the updates.
 """
 
 from __future__ import annotations
 
-import time
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -21,8 +24,11 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from namm.memory.attention import ATTENTION_NAME
-from namm.memory.cache import MemoryCache, is_packed
-from namm.policies.base import LayerView, MemoryPolicy
+from namm.memory.cache import MemoryCache
+from namm.memory.schedule import UpdateRecord
+from namm.policies.base import MemoryPolicy, make_policy
+
+__all__ = ["MemoryRunner", "UpdateRecord", "cache_argument", "memory_attention_enabled", "memory_cache"]
 
 
 @contextmanager
@@ -36,16 +42,27 @@ def memory_attention_enabled(model: PreTrainedModel) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-@dataclass
-class UpdateRecord:
-    """Cache size of every layer, and the KV bytes held, right after one memory update of one row
-    (``kv_bytes_full``: what the full cache would hold then)."""
+def cache_argument(model: PreTrainedModel) -> str:
+    """The name under which the model's forward takes its cache (``cache`` since transformers 5.x
+    renamed ``past_key_values``)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    row: int
-    tokens_seen: int
-    tokens_per_layer: list[int]
-    kv_bytes: int
-    kv_bytes_full: int
+
+def memory_cache(model: PreTrainedModel, policy: MemoryPolicy | str | None = None,
+                 record_history: bool = False) -> MemoryCache:
+    """A fresh namm cache for one ``model.generate`` call (or a text-generation pipeline): pass it
+    as the model's cache argument, e.g. ``model.generate(ids, cache=namm.cache(model, policy),
+    prefill_chunk_size=128)``; transformers' own (chunked) prefill and decoding then drive the
+    memory updates, exactly as :func:`namm.generate` does. ``policy``: a policy or its name
+    (default ``"full"``). The model is switched to namm's attention function, which runs plain SDPA
+    for any other cache. On the prompt-end schedule the cache compresses before the first
+    one-token forward (generation's first step), so the prompt's last prefill chunk must hold
+    more than one token."""
+    policy = make_policy("full") if policy is None else (make_policy(policy) if isinstance(policy, str) else policy)
+    policy.bind(model)
+    model.set_attn_implementation(ATTENTION_NAME)
+    return MemoryCache(policy, model.config.get_text_config().num_hidden_layers, device=model.device,
+                       record_history=record_history, auto_prompt_end=True)
 
 
 @dataclass
@@ -58,30 +75,43 @@ class MemoryRunner:
     chunk_size: int = 128
     record_history: bool = False
     cache: MemoryCache = field(init=False)
-    seen: Tensor = field(init=False)  # (B,) tokens fed per row
-    previous_update: Tensor = field(init=False)  # (B,) tokens seen at each row's last update
-    kv_bytes_peak: Tensor = field(init=False)
-    history: list[UpdateRecord] = field(init=False, default_factory=list)
-    policy_seconds: float = 0.0
-    holding: bool = field(init=False, default=False)  # inside updates_held: feeding never compresses
+    cache_kwarg: str = field(init=False)  # the model's name for its cache argument
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         self.policy.bind(self.model)
-        device = self.model.device
-        self.cache = MemoryCache(self.model.config.num_hidden_layers, self.batch_size, device)
-        self.cache.query_window = self.policy.query_window if self.policy.evicts else 0
-        self.cache.policy = self.policy
-        self.seen = torch.zeros(self.batch_size, dtype=torch.long)
-        self.previous_update = torch.zeros(self.batch_size, dtype=torch.long)
-        self.kv_bytes_peak = torch.zeros(self.batch_size, dtype=torch.long)
-        self.policy.reset(self.batch_size)
+        self.cache = MemoryCache(self.policy, self.model.config.get_text_config().num_hidden_layers, self.batch_size,
+                                 self.model.device, self.record_history)
+        self.cache_kwarg = cache_argument(self.model)
+
+    @property
+    def seen(self) -> Tensor:
+        """(B,) tokens fed per row (host)."""
+        return self.cache.seen
+
+    @property
+    def previous_update(self) -> Tensor:
+        """(B,) tokens seen at each row's last update (host)."""
+        return self.cache.previous_update
+
+    @property
+    def kv_bytes_peak(self) -> Tensor:
+        """(B,) the most KV bytes each row held right before an update."""
+        return self.cache.kv_bytes_peak
+
+    @property
+    def history(self) -> list[UpdateRecord]:
+        return self.cache.history
+
+    @property
+    def policy_seconds(self) -> float:
+        return self.cache.policy_seconds
 
     @property
     def progressive(self) -> bool:
         """Whether feeding tokens triggers memory updates (every ``n_up`` tokens seen)."""
-        return self.policy.evicts and self.policy.schedule == "progressive"
+        return self.cache.progressive
 
     def _next_boundary(self, seen: int) -> int:
         nxt = (seen // self.chunk_size + 1) * self.chunk_size
@@ -102,11 +132,9 @@ class MemoryRunner:
         last_logits: Tensor | None = None
         every: list[list[Tensor]] = [[] for _ in range(self.batch_size)]
         while True:
-            takes = []
-            for b, tokens in enumerate(rows_tokens):
-                left = len(tokens) - done[b]
-                seen = int(self.seen[b])
-                takes.append(min(left, self._next_boundary(seen) - seen) if left > 0 else 0)
+            seen = self.seen.tolist()
+            takes = [min(len(tokens) - done[b], self._next_boundary(seen[b]) - seen[b]) if len(tokens) > done[b] else 0
+                     for b, tokens in enumerate(rows_tokens)]
             width = max(takes)
             if width == 0:
                 break
@@ -118,28 +146,24 @@ class MemoryRunner:
                     if t:
                         every[b].append(logits[b, kept - min(t, kept):])
                 logits = logits[:, -1]
-            if last_logits is None:
-                last_logits = torch.zeros_like(logits)
-            fed = torch.tensor([t > 0 for t in takes])
-            last_logits[fed] = logits[fed]
+            if all(takes):
+                last_logits = logits
+            else:  # rows fed nothing keep their previous logits (never written in place: views of `every`)
+                fed = torch.tensor([t > 0 for t in takes], device=logits.device)
+                last_logits = torch.where(fed[:, None], logits, 0.0 if last_logits is None else last_logits)
             for b, t in enumerate(takes):
                 done[b] += t
-            due = fed & (self.seen % self.policy.n_up == 0) if self.progressive and not self.holding else fed & False
-            if bool(due.any()):
-                self.update(due.nonzero().flatten())
             if progress is not None:
                 progress.update(sum(takes))
         if all_logits:
             vocab = self.model.config.get_text_config().vocab_size
-            return [torch.cat(parts) if parts else torch.zeros(0, vocab) for parts in every]
+            return [torch.cat(parts) if parts else torch.zeros(0, vocab, device=self.model.device) for parts in every]
         return last_logits
 
     def end_prompt(self) -> None:
         """Every row's whole prompt has been fed: a policy on the prompt-end schedule compresses
         every row now, once, before the first generated token (other policies: nothing happens)."""
-        if self.policy.evicts and self.policy.schedule == "prompt-end":
-            self.update(torch.arange(self.batch_size))
-            self.cache.query_window = 0  # no later update would read buffered queries
+        self.cache.end_prompt()
 
     def end_context(self) -> None:
         """The query-agnostic protocol: every row's context (its prompt without the question) has been
@@ -156,11 +180,11 @@ class MemoryRunner:
     @contextmanager
     def updates_held(self) -> Iterator[None]:
         """Feeding inside this block never compresses (progressive updates resume after it)."""
-        self.holding = True
+        self.cache.holding = True
         try:
             yield
         finally:
-            self.holding = False
+            self.cache.holding = False
 
     def preload(self, layers: list[tuple[Tensor, Tensor, Tensor]], seen: int) -> None:
         """Start every row from a given cache: per layer (keys, values, positions) as in
@@ -173,6 +197,7 @@ class MemoryRunner:
             layer.assign(keys, values, positions)
         self.seen.fill_(seen)
         self.previous_update.fill_(seen)
+        self.cache.columns = seen
 
     def shareable(self, rows_tokens: list[Tensor]) -> int:
         """How many leading tokens :meth:`feed_shared` may compute once for these (fresh) rows:
@@ -192,12 +217,12 @@ class MemoryRunner:
         if self.progressive and len(tokens) >= self.policy.n_up:
             raise ValueError(f"only the tokens before the first memory update ({self.policy.n_up}) can be shared")
         rows = self.batch_size
-        self.batch_size, self.seen = 1, self.seen[:1]
+        self.batch_size = 1
+        self.cache.set_rows(1)
         try:
             self.feed([tokens])
         finally:
             self.batch_size = rows
-            self.seen = self.seen.repeat(rows)
         self.cache.repeat_rows(rows)
 
     def _step(self, pieces: list[Tensor], width: int, all_logits: bool = False, keep: int = 0) -> Tensor:
@@ -205,67 +230,31 @@ class MemoryRunner:
         vocab) with ``all_logits`` ((B, min(keep, width), vocab) with ``keep`` > 0)."""
         device = self.model.device
         embeds = next((p for p in pieces if p.dim() == 2), None)  # rows of input embeddings, not ids
-        ids = (torch.zeros(self.batch_size, width, dtype=torch.long) if embeds is None
-               else embeds.new_zeros(self.batch_size, width, embeds.shape[-1]))
-        positions = torch.full((self.batch_size, width), -1, dtype=torch.long)
-        for b, piece in enumerate(pieces):
-            n = len(piece)
-            if n:
-                ids[b, width - n:] = piece
-                positions[b, width - n:] = torch.arange(int(self.seen[b]), int(self.seen[b]) + n)
-        self.cache.step_positions = positions.to(device)
-        inputs = {"input_ids" if embeds is None else "inputs_embeds": ids.to(device)}
+        if all(len(p) == width for p in pieces):  # no padding: one stack, no mask
+            inputs = torch.stack(pieces)
+            positions = self.seen[:, None] + torch.arange(width)
+            mask = None
+        else:
+            inputs = (torch.zeros(self.batch_size, width, dtype=torch.long) if embeds is None
+                      else embeds.new_zeros(self.batch_size, width, embeds.shape[-1]))
+            for b, piece in enumerate(pieces):
+                if len(piece):
+                    inputs[b, width - len(piece):] = piece
+            lengths = torch.tensor([len(p) for p in pieces])
+            real = torch.arange(width) >= width - lengths[:, None]
+            positions = torch.where(real, self.seen[:, None] + real.long().cumsum(-1) - 1, 0)
+            causal = torch.ones(width, width, dtype=torch.bool).tril()
+            mask = (causal & real[:, None, :])[:, None].to(device)  # (B, 1, width, width): the step's own mask
         out = self.model(
-            **inputs, position_ids=positions.clamp(min=0).to(device), past_key_values=self.cache,
-            use_cache=True, logits_to_keep=(min(keep, width) if keep else 0) if all_logits else 1, namm_memory=self.cache,
+            **{"input_ids" if embeds is None else "inputs_embeds": inputs.to(device)},
+            position_ids=positions.to(device), attention_mask=mask, use_cache=True,
+            logits_to_keep=(min(keep, width) if keep else 0) if all_logits else 1, **{self.cache_kwarg: self.cache},
         )
-        self.seen += torch.tensor([len(p) for p in pieces])
-        if bool((positions < 0).any()):
-            self.cache.drop_padding()
         return out.logits.float() if all_logits else out.logits[:, -1].float()
 
     def update(self, rows: Tensor) -> None:
         """Run the policy on every layer for ``rows`` and shrink their caches."""
-        start = time.perf_counter()
-        self.kv_bytes_peak = torch.maximum(self.kv_bytes_peak, self.cache.nbytes().cpu())
-        all_rows = len(rows) == self.batch_size
-        device = self.model.device
-        rows_dev = rows.to(device)
-        for layer_idx, layer in enumerate(self.cache.layers):
-            if layer.positions is None:
-                continue
-            if not is_packed(layer.positions >= 0):
-                layer.compact(layer.positions >= 0)
-            state = layer.aligned_state()
-            pick = (lambda t: t) if all_rows else (lambda t: t.index_select(0, rows_dev))
-            view = LayerView(
-                layer_idx=layer_idx, num_layers=len(self.cache.layers),
-                keys=pick(layer.keys), values=pick(layer.values), positions=pick(layer.positions),
-                queries=None if layer.queries is None else pick(layer.queries),
-                query_positions=None if layer.query_positions is None else pick(layer.query_positions),
-                tokens_seen=self.seen[rows].to(device), previous_tokens_seen=self.previous_update[rows].to(device),
-                scaling=layer.scaling, sliding_window=layer.sliding_window,
-                state={k: pick(v) for k, v in state.items()}, rows=rows_dev,
-            )
-            keep = self.policy.select(view)
-            if all_rows:
-                full_keep, state = keep, view.state
-            else:
-                full_keep = layer.positions >= 0
-                full_keep[rows_dev] = keep
-                for name, value in view.state.items():
-                    if name not in state:
-                        state[name] = value.new_zeros(self.batch_size, *value.shape[1:])
-                    state[name][rows_dev] = value
-            layer.compact(full_keep, state)
-            layer.clear_queries(rows_dev)
-        self.previous_update[rows] = self.seen[rows]
-        if self.record_history:
-            counts, held, full = self.cache.token_counts().cpu(), self.kv_bytes(), self.kv_bytes_full()
-            for r in rows.tolist():
-                self.history.append(UpdateRecord(r, int(self.seen[r]), counts[:, r].tolist(), int(held[r]),
-                                                 int(full[r])))
-        self.policy_seconds += time.perf_counter() - start
+        self.cache.update_rows(rows)
 
     def kv_bytes(self) -> Tensor:
         """(B,) bytes of keys and values held now."""
@@ -273,10 +262,4 @@ class MemoryRunner:
 
     def kv_bytes_full(self) -> Tensor:
         """(B,) bytes a full cache would hold for the tokens seen so far."""
-        config = self.model.config
-        layer = next((l for l in self.cache.layers if l.keys is not None), None)
-        if layer is None:
-            return torch.zeros(self.batch_size, dtype=torch.long)
-        per_token = (layer.keys.shape[1] * (layer.keys.shape[-1] + layer.values.shape[-1])
-                     * layer.keys.element_size() * config.num_hidden_layers)
-        return self.seen * per_token
+        return self.seen * self.cache.bytes_per_token()

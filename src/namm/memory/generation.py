@@ -62,16 +62,35 @@ def model_context(model: PreTrainedModel) -> int:
     return int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
 
 
-Prompt = str | list[int] | Tensor
+Message = dict[str, str]  # {"role": ..., "content": ...}
+Prompt = str | list[int] | Tensor | list[Message]
+
+
+def is_chat(prompt) -> bool:
+    """Whether ``prompt`` is a chat: a list of {"role", "content"} messages."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase | None, messages: list[Message]) -> str:
+    """The text of a chat as the tokenizer's chat template renders it, ready for the assistant's turn."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat messages need a tokenizer with a chat template")
+    if any(not {"role", "content"} <= set(m) for m in messages):
+        raise ValueError('every chat message needs a "role" and a "content"')
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def tokenize_prompts(tokenizer: PreTrainedTokenizerBase | None, prompts: list[Prompt], context: int,
                      add_special_tokens: bool = True, what: str = "prompt") -> list[Tensor]:
-    """Token ids of each prompt (text, or token ids already); clear errors, naming each as ``what``,
-    for empty or over-long prompts. ``add_special_tokens=False``: text gets no BOS (a question)."""
+    """Token ids of each prompt (text, chat messages rendered by the tokenizer's chat template, or
+    token ids already); clear errors, naming each as ``what``, for empty or over-long prompts.
+    ``add_special_tokens=False``: text gets no BOS (a question)."""
     out = []
     for i, prompt in enumerate(prompts):
-        if isinstance(prompt, str):
+        if is_chat(prompt):  # the template writes its own special tokens
+            ids = torch.tensor(tokenizer(render_chat(tokenizer, prompt), add_special_tokens=False).input_ids,
+                               dtype=torch.long)
+        elif isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError(f"{what} {i} is empty")
             if tokenizer is None:
@@ -115,6 +134,11 @@ def _sampler(do_sample: bool, temperature: float, top_k: int, top_p: float) -> L
     return procs
 
 
+def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A random generator seeded with ``seed`` on ``device`` (sampling draws on the logits' device)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     if eos is None and tokenizer is not None:
@@ -147,7 +171,8 @@ def generate(
 
     Greedy by default; ``do_sample`` with ``temperature``/``top_k``/``top_p`` samples instead.
     Stops at the model's end-of-sequence token, at any ``stop`` string, or after
-    ``max_new_tokens``. A prompt is text or token ids. A list of prompts returns one output per
+    ``max_new_tokens``. A prompt is text, token ids or chat messages (a list of {"role", "content"}
+    dicts, rendered with the tokenizer's chat template). A list of prompts returns one output per
     prompt, each identical to what the prompt would give alone. ``eos_token_id`` overrides the
     model's end-of-sequence ids (None: never stop early). A policy on the prompt-end schedule
     compresses once, after the whole prompt and before the first generated token.
@@ -157,7 +182,7 @@ def generate(
     policies update on their schedule) and compressed once by every policy, then the question is
     fed with no compression before the first answer token; decoding follows the policy's schedule.
     """
-    single = isinstance(prompt, str) or (isinstance(prompt, Tensor) and prompt.dim() == 1) or (
+    single = isinstance(prompt, str) or (isinstance(prompt, Tensor) and prompt.dim() == 1) or is_chat(prompt) or (
         isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int))
     prompts = [prompt] if single else list(prompt)
     if not prompts:
@@ -173,7 +198,7 @@ def generate(
     runner = MemoryRunner(model, policy, B, chunk_size=chunk_size, record_history=record_history)
     eos = _eos_ids(model, tokenizer) if eos_token_id == "auto" else set(eos_token_id or [])
     procs = _sampler(do_sample, temperature, top_k, top_p)
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    gen: torch.Generator | None = None  # made on the logits' device at the first sample
     generated: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
     budget = [min(max_new_tokens, context - n) for n in lengths]
@@ -194,20 +219,23 @@ def generate(
                     logits = runner.feed(asked, progress=bar)
         t1 = time.perf_counter()
         for step in tqdm(range(max(budget, default=0)), desc="decode", unit="tok", disable=not progress, leave=False):
-            history = torch.stack([torch.tensor(g[-1:] or [0]) for g in generated])
-            scores = procs(history, logits) if len(procs) else logits
+            if len(procs):
+                history = torch.tensor([g[-1:] or [0] for g in generated], device=logits.device)
+                logits = procs(history, logits)
             if do_sample:
-                probs = torch.softmax(scores, dim=-1)
-                next_ids = torch.multinomial(probs, 1, generator=gen).flatten()
+                probs = torch.softmax(logits, dim=-1)
+                if gen is None and seed is not None:
+                    gen = seeded_generator(seed, probs.device)
+                next_ids = torch.multinomial(probs, 1, generator=gen).flatten().tolist()
             else:
-                next_ids = scores.argmax(-1)
+                next_ids = logits.argmax(-1).tolist()
             feed = []
             for b in range(B):
                 if finished[b] or step >= budget[b]:
                     finished[b] = True
                     feed.append(torch.empty(0, dtype=torch.long))
                     continue
-                tok = int(next_ids[b])
+                tok = next_ids[b]
                 generated[b].append(tok)
                 if tok in eos or (stop and tokenizer and any(s in tokenizer.decode(generated[b]) for s in stop)):
                     finished[b] = True

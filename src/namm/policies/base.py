@@ -139,6 +139,11 @@ class MemoryPolicy:
     prompt and generation alike; ``"prompt-end"`` once, after the whole prompt is prefilled and
     before the first generated token (decoding then only appends). ``default_schedule`` is the
     schedule of the policy's paper; assigning ``schedule`` validates it.
+
+    The runtime calls :meth:`select` layer by layer from inside the forward pass; a forward step
+    that crosses several updates (a long prefill chunk under ``model.generate``) runs all of a
+    layer's updates before the next layer's, so a policy must not rely on the order of layers
+    across updates.
     """
 
     name: ClassVar[str] = "base"

@@ -1,6 +1,7 @@
 """``random``: keep a uniformly random subset of tokens (the floor any policy must beat).
 
-Seeded per (seed, layer, tokens seen), so a row gets the same choice alone or in a batch.
+The score of a token is a hash of (seed, layer, tokens seen, head, position), computed on the
+cache's device for all rows at once, so a row gets the same choice alone or in a batch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,28 @@ import torch
 from torch import Tensor
 
 from namm.policies.base import Budget, LayerView, MemoryPolicy, budget_policy_init, keep_top, register_policy
+
+_MASK = (1 << 32) - 1
+
+
+def mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (xor-shift-multiply rounds) of int64 values in [0, 2**32), elementwise.
+    Multipliers stay below 2**31, so no product overflows int64."""
+    for shift, mult in ((16, 0x2C1B3C6D), (15, 0x297A2D39), (16, 0x3B9AC9FF)):
+        x = ((x ^ (x >> shift)) * mult) & _MASK
+    return x ^ (x >> 16)
+
+
+def random_scores(seed: int, layer: int, tokens_seen: Tensor, positions: Tensor) -> Tensor:
+    """(B, H, K) float32 scores in [0, 1) for (B, H, K) ``positions`` at (B,) ``tokens_seen``: a
+    function of (seed, layer, tokens seen, head, position) only."""
+    B, H, K = positions.shape
+    heads = torch.arange(H, device=positions.device).view(1, H, 1)
+    x = mix32(torch.full((1, 1, 1), (seed * 1_000_003 + layer) & _MASK, dtype=torch.long, device=positions.device))
+    x = mix32(x ^ (tokens_seen.view(B, 1, 1).long() & _MASK))
+    x = mix32(x ^ heads)
+    x = mix32(x ^ (positions.clamp(min=0) & _MASK))
+    return (x >> 8).float() / (1 << 24)  # 24 bits: exact in float32
 
 
 @register_policy("random")
@@ -25,11 +48,5 @@ class RandomPolicy(MemoryPolicy):
         budget_policy_init(self)
 
     def select(self, view: LayerView) -> Tensor:
-        B, H, K = view.positions.shape
-        scores = torch.empty(B, H, K)
-        for b in range(B):  # a score per (head, position), independent of slot layout and batch
-            seen = int(view.tokens_seen[b])
-            gen = torch.Generator().manual_seed(hash((self.seed, view.layer_idx, seen)) % (1 << 62))
-            table = torch.rand(H, seen, generator=gen)
-            scores[b] = table.gather(1, view.positions[b].cpu().clamp(min=0, max=seen - 1))
-        return keep_top(scores.to(view.positions.device), self.budget.capacity(view.tokens_seen), view.valid)
+        scores = random_scores(self.seed, view.layer_idx, view.tokens_seen, view.positions)
+        return keep_top(scores, self.budget.capacity(view.tokens_seen), view.valid)
