@@ -78,6 +78,7 @@ def test_demo_runs_full_shipped_namm_and_baseline(capsys, smollm2):
     code, out, _ = run_cli(capsys, "demo", "--length", "700", "--budget", "0.5")
     assert code == 0
     assert "expected answer" in out
-    for title in ("== full:", "== namm (smollm2-135m):", "== h2o (0.5):"):
+    for title in ("== full:", "== namm (smollm2-135m, threshold mode):", "== namm (smollm2-135m, budget 0.5):",
+                  "== h2o (0.5):"):
         assert title in out
-    assert out.count("cache kept per layer") == 3
+    assert out.count("cache kept per layer") == 4
