@@ -55,6 +55,15 @@ class MemoryTerm:
         return self.weight * (cache_fraction - self.target).clamp(min=0)
 
 
+def with_memory_term(fitness: Tensor, cache_fraction: Tensor | None, memory: MemoryTerm | None) -> Tensor:
+    """``fitness`` (P,) minus the memory penalty on each member's mean (P, n) cache fraction."""
+    if memory is None:
+        return fitness
+    if cache_fraction is None:
+        raise ValueError("a memory term needs cache fractions")
+    return fitness - memory.penalty(cache_fraction.double().mean(1))
+
+
 def normalised_fitness(
     scores: Tensor, full_scores: Tensor, tasks: Tensor, cache_fraction: Tensor | None = None,
     memory: MemoryTerm | None = None,
@@ -72,12 +81,7 @@ def normalised_fitness(
         member = scores[:, cols].double().mean(1)
         full = full_scores[cols].double().mean()
         ratios.append(member / full if full > 0 else 1 + member)
-    fitness = torch.stack(ratios).mean(0)
-    if memory is not None:
-        if cache_fraction is None:
-            raise ValueError("a memory term needs cache fractions")
-        fitness = fitness - memory.penalty(cache_fraction.double().mean(1))
-    return fitness
+    return with_memory_term(torch.stack(ratios).mean(0), cache_fraction, memory)
 
 
 def answer_ids(tokenizer, sample: Sample) -> Tensor:
@@ -97,12 +101,7 @@ def loglik_fitness(
     full cache, then the mean over tasks, minus the memory penalty. The full cache scores 0."""
     gaps = [(loglik[:, tasks == task].double() - full_loglik[tasks == task].double()).mean(1)
             for task in torch.unique(tasks)]
-    fitness = torch.stack(gaps).mean(0)
-    if memory is not None:
-        if cache_fraction is None:
-            raise ValueError("a memory term needs cache fractions")
-        fitness = fitness - memory.penalty(cache_fraction.double().mean(1))
-    return fitness
+    return with_memory_term(torch.stack(gaps).mean(0), cache_fraction, memory)
 
 
 def tokenize_samples(tokenizer, model, samples: list[tuple[int, Sample]]) -> list[TrainingPrompt]:
