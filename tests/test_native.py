@@ -12,6 +12,7 @@ from fixtures.byte_tokenizer import byte_tokenizer
 from namm.memory.driver import cache_argument
 from namm.policies.base import LayerView, MemoryPolicy
 from tiny_models import random_prompt, tiny_model
+from wrapped_policy import WrappedPolicy
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -22,26 +23,15 @@ def model(request):
     return tiny_model(request.param)
 
 
-class Keeps(MemoryPolicy):
+class Keeps(WrappedPolicy):
     """Runs ``inner`` and records what every layer kept at every update."""
 
     def __init__(self, inner: MemoryPolicy):
-        self.inner, self.name = inner, inner.name
-        self.n_up, self.query_window, self.evicts = inner.n_up, inner.query_window, inner.evicts
-        self.schedule = inner.schedule
+        super().__init__(inner)
         self.kept: list[tuple[int, list[int], torch.Tensor]] = []
 
-    def bind(self, model) -> None:
-        self.inner.bind(model)
-        self.n_up, self.query_window = self.inner.n_up, self.inner.query_window
-
-    def reset(self, batch_size: int) -> None:
-        self.inner.reset(batch_size)
-
-    def select(self, view: LayerView) -> torch.Tensor:
-        keep = self.inner.select(view)
+    def record(self, view: LayerView, keep: torch.Tensor) -> None:
         self.kept.append((view.layer_idx, view.tokens_seen.tolist(), torch.where(keep, view.positions, -1)))
-        return keep
 
 
 def random_namm(seed: int = 0):

@@ -14,6 +14,7 @@ from namm.eval.perplexity import evaluate_perplexity
 from namm.eval.runner import policy_label
 from namm.policies.base import SCHEDULES, LayerView, MemoryPolicy
 from tiny_models import random_prompt, tiny_model
+from wrapped_policy import WrappedPolicy
 
 BUDGETED = ["recency", "streaming", "h2o", "l2", "snapkv", "tova", "pyramidkv", "random", "namm"]
 PROMPT_END_BY_DEFAULT = {"snapkv", "pyramidkv"}
@@ -24,25 +25,15 @@ def model(request):
     return tiny_model(request.param)
 
 
-class Probe(MemoryPolicy):
+class Probe(WrappedPolicy):
     """Runs ``inner`` on its own schedule and keeps the view of every layer at every update."""
 
     def __init__(self, inner: MemoryPolicy):
-        self.inner, self.name = inner, inner.name
-        self.n_up, self.query_window, self.evicts = inner.n_up, inner.query_window, inner.evicts
-        self.schedule = inner.schedule
+        super().__init__(inner)
         self.views: list[LayerView] = []
 
-    def bind(self, model) -> None:
-        self.inner.bind(model)
-        self.n_up, self.query_window = self.inner.n_up, self.inner.query_window
-
-    def reset(self, batch_size: int) -> None:
-        self.inner.reset(batch_size)
-
-    def select(self, view: LayerView) -> torch.Tensor:
+    def record(self, view: LayerView, keep: torch.Tensor) -> None:
         self.views.append(view)
-        return self.inner.select(view)
 
 
 @pytest.mark.parametrize("name, options", [
