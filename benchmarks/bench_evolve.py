@@ -28,7 +28,7 @@ import namm
 from namm.evolve.fitness import LoglikScorer, tokenize_samples
 from namm.evolve.proxy import ProxyScorer
 from namm.policies.namm.checkpoint import load_namm_checkpoint, zeros_checkpoint
-from namm.tasks.base import get_task
+from namm.tasks.registry import get_task
 
 TASKS = ["niah_multikey", "kv_retrieval", "passage_retrieval"]
 

@@ -20,7 +20,7 @@ from namm.evolve.cmaes import CMAES, CMAESConfig, recombination_weights
 from namm.evolve.fitness import MemoryTerm, PopulationScorer, normalised_fitness, tokenize_samples
 from namm.evolve.trainer import EvolveConfig, Trainer
 from namm.policies.namm.checkpoint import load_namm_checkpoint
-from namm.tasks.base import get_task
+from namm.tasks.registry import get_task
 from fixtures.byte_tokenizer import byte_tokenizer
 from test_evolve_helpers import save_tiny_model
 from tiny_models import tiny_model

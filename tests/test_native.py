@@ -12,7 +12,7 @@ from fixtures.byte_tokenizer import byte_tokenizer
 from namm.memory.driver import cache_argument
 from namm.policies.base import LayerView, MemoryPolicy
 from tiny_models import random_prompt, tiny_model
-from wrapped_policy import WrappedPolicy
+from wrapped_policy import RecordingPolicy
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -23,7 +23,7 @@ def model(request):
     return tiny_model(request.param)
 
 
-class Keeps(WrappedPolicy):
+class Keeps(RecordingPolicy):
     """Runs ``inner`` and records what every layer kept at every update."""
 
     def __init__(self, inner: MemoryPolicy):

@@ -15,7 +15,7 @@ from fixtures.byte_tokenizer import byte_tokenizer
 from namm.cli import main
 from namm.commands.common import show_progress
 from namm.eval.perplexity import evaluate_perplexity
-from namm.eval.report import bootstrap_interval
+from namm.eval.intervals import bootstrap_interval
 from namm.eval.runner import evaluate
 from namm.tasks import Sample, get_task
 from namm.tasks.corpus import corpus_tokens

@@ -17,7 +17,8 @@ from namm.evolve.threshold import calibrate_threshold, mean_fraction
 from namm.evolve.trainer import EvolveConfig, Trainer
 from namm.memory.driver import MemoryRunner, memory_attention_enabled
 from namm.policies.namm.checkpoint import load_namm_checkpoint
-from namm.tasks.base import Sample, get_task
+from namm.tasks.base import Sample
+from namm.tasks.registry import get_task
 from fixtures.byte_tokenizer import byte_tokenizer
 from tiny_models import tiny_model
 

@@ -14,7 +14,7 @@ from namm.eval.perplexity import evaluate_perplexity
 from namm.eval.runner import policy_label
 from namm.policies.base import SCHEDULES, LayerView, MemoryPolicy
 from tiny_models import random_prompt, tiny_model
-from wrapped_policy import WrappedPolicy
+from wrapped_policy import RecordingPolicy
 
 BUDGETED = ["recency", "streaming", "h2o", "l2", "snapkv", "tova", "pyramidkv", "random", "namm"]
 PROMPT_END_BY_DEFAULT = {"snapkv", "pyramidkv"}
@@ -25,7 +25,7 @@ def model(request):
     return tiny_model(request.param)
 
 
-class Probe(WrappedPolicy):
+class Probe(RecordingPolicy):
     """Runs ``inner`` on its own schedule and keeps the view of every layer at every update."""
 
     def __init__(self, inner: MemoryPolicy):

@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from namm.policies.base import LayerView, MemoryPolicy
+from namm.policies.base import LayerView
+from namm.policies.wrapped import WrappedPolicy
 
 
-class WrappedPolicy(MemoryPolicy):
+class RecordingPolicy(WrappedPolicy):
     """Runs ``inner`` on its own schedule; subclasses keep what they need of each update."""
 
-    def __init__(self, inner: MemoryPolicy):
-        self.inner, self.name = inner, inner.name
-        self.n_up, self.query_window, self.evicts = inner.n_up, inner.query_window, inner.evicts
-        self.schedule = inner.schedule
-
-    def bind(self, model) -> None:
-        self.inner.bind(model)
-        self.n_up, self.query_window = self.inner.n_up, self.inner.query_window
-
-    def reset(self, batch_size: int) -> None:
-        self.inner.reset(batch_size)
-
     def select(self, view: LayerView) -> torch.Tensor:
-        keep = self.inner.select(view)
+        keep = super().select(view)
         self.record(view, keep)
         return keep
 

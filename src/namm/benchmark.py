@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from namm.memory.generation import generate
-from namm.policies.base import make_policy
+from namm.policies.registry import make_policy
 from namm.tasks.corpus import corpus_tokens
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from namm.models import DEFAULT_MODEL, DTYPES, MODELS
-from namm.policies.base import SCHEDULES, MemoryPolicy, make_policy, policy_names
+from namm.policies.base import SCHEDULES, MemoryPolicy
+from namm.policies.registry import make_policy, policy_class, policy_names
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -63,11 +64,7 @@ def policy_from_args(args: argparse.Namespace) -> MemoryPolicy:
     policy does not take."""
     options = {"budget": args.budget, "checkpoint": args.checkpoint, "n_up": args.n_up}
     options = {k: v for k, v in options.items() if v is not None}
-    if args.policy not in policy_names():
-        return make_policy(args.policy)  # raises the unknown-policy error
-    from namm.policies.base import _REGISTRY
-
-    accepted = inspect.signature(_REGISTRY[args.policy]).parameters
+    accepted = inspect.signature(policy_class(args.policy)).parameters  # unknown names: a ValueError
     for key in options:
         if key not in accepted:
             raise ValueError(f"policy {args.policy!r} takes no --{key.replace('_', '-')}")

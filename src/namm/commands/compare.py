@@ -58,7 +58,7 @@ def split_list(text: str, what: str) -> list[str]:
 
 def accepts(policy: str, **option) -> bool:
     """Whether a registered policy takes an option (baselines take a budget; full and namm do not)."""
-    from namm.policies.base import make_policy
+    from namm.policies.registry import make_policy
 
     try:
         make_policy(policy, **option)
@@ -71,7 +71,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
     """Every (task, policy, budget) to run, validated before any model is loaded. With
     ``--match-cache`` the matched policy comes first on each task and the others' budget is
     :data:`MATCHED`; with ``--data-file`` the one task is the file's stem."""
-    from namm.policies.base import Budget, policy_names
+    from namm.policies.budget import Budget
+    from namm.policies.registry import policy_names
     from namm.tasks import task_names
 
     policies = split_list(args.policies, "policies")

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     import namm
     from namm.evolve.distributed import close_workers, init_workers
     from namm.evolve.trainer import Trainer
-    from namm.tasks.base import get_task
+    from namm.tasks.registry import get_task
 
     set_threads(args)
     config = config_from_args(args)

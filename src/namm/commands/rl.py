@@ -91,7 +91,7 @@ def parse_list(text: str, kind, what: str) -> list:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from namm.policies.base import make_policy
+    from namm.policies.registry import make_policy
     from namm.rl.benchmark import run_benchmark, write_report
     from namm.rl.model import load_dt
 

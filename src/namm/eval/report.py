@@ -7,12 +7,10 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
-
+from namm.eval.intervals import bootstrap_interval
 from namm.eval.runner import METRICS, PREDICTIONS, evaluate, samples_digest
-from namm.policies.base import make_policy
+from namm.policies.registry import make_policy
 from namm.tasks.base import Sample
 
 
@@ -55,25 +53,6 @@ def reference_metrics(model, tokenizer, samples: list[Sample], model_name: str, 
 def normalized_score(score: float, reference: float) -> float | None:
     """Score as a percentage of the full-cache score (None when the reference scored 0)."""
     return 100.0 * score / reference if reference > 0 else None
-
-
-def bootstrap_interval(groups: Sequence[Sequence[float]], resamples: int = 1000, seed: int = 0,
-                       level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of group means: each of ``resamples`` draws
-    resamples every group's values with replacement (one group: a mean over samples; several: a
-    mean over tasks, each task resampled on its own). Fixed ``seed``: the same values give the
-    same interval."""
-    if not groups or any(len(values) == 0 for values in groups):
-        raise ValueError("the bootstrap needs at least one value in every group")
-    rng = np.random.default_rng(seed)
-    means = np.zeros(resamples)
-    for values in groups:
-        data = np.asarray(values, dtype=np.float64)
-        means += data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
-    means /= len(groups)
-    tail = 50.0 * (1.0 - level)
-    low, high = np.percentile(means, [tail, 100.0 - tail])
-    return float(low), float(high)
 
 
 def _fmt(value, digits: int = 1) -> str:

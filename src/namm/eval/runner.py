@@ -24,6 +24,7 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
+from namm.eval.intervals import bootstrap_interval
 from namm.memory.generation import GenerationOutput, generate
 from namm.policies.base import MemoryPolicy
 from namm.tasks.base import Sample
@@ -151,8 +152,6 @@ def aggregate(rows: list[dict]) -> dict:
     interval of the score; ``kv_fraction`` the mean over samples of :func:`compressed_fraction`
     (the memory a budget sets), ``kv_fraction_peak`` the largest peak KV bytes / full-cache KV
     bytes (at the end) of any sample."""
-    from namm.eval.report import bootstrap_interval
-
     n = len(rows)
     if n == 0:
         raise ValueError("no finished samples to aggregate")

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from namm.evolve.distributed import Workers
 from namm.memory.driver import MemoryRunner, memory_attention_enabled
 from namm.memory.generation import generate, model_context, tokenize_prompts
-from namm.policies.base import MemoryPolicy, make_policy
+from namm.policies.base import MemoryPolicy
+from namm.policies.registry import make_policy
 from namm.tasks.base import Sample
 from namm.tasks.metrics import score_sample
 

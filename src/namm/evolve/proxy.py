@@ -31,7 +31,8 @@ from namm.evolve.fitness import Scores, TrainingPrompt
 
 from namm.memory.cache import compaction_index, gather_slots
 from namm.memory.driver import MemoryRunner, memory_attention_enabled
-from namm.policies.base import LayerView, MemoryPolicy, make_policy
+from namm.policies.base import LayerView, MemoryPolicy
+from namm.policies.registry import make_policy
 from namm.policies.namm.policy import NAMMPolicy
 from namm.policies.namm.selection import out_of_window, select_tokens
 

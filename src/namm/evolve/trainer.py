@@ -126,7 +126,7 @@ class TrainerState:
 
 
 def build_policy(checkpoint: str | Path, config: EvolveConfig):
-    from namm.policies.base import make_policy
+    from namm.policies.registry import make_policy
 
     return make_policy("namm", checkpoint=str(checkpoint), n_up=config.n_up, scorer=config.scorer_spec)
 
@@ -152,7 +152,7 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------
 
     def _prompt_pool(self) -> list[TrainingPrompt]:
-        from namm.tasks.base import get_task
+        from namm.tasks.registry import get_task
 
         samples = []
         lengths = self.config.lengths

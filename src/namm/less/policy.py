@@ -17,9 +17,10 @@ from torch import Tensor
 from namm.less.kernels import LessKernels, mix_low_rank, sparse_attention
 from namm.less.state import LessState
 from namm.policies.base import LayerView, MemoryPolicy
+from namm.policies.wrapped import WrappedPolicy
 
 
-class LessPolicy(MemoryPolicy):
+class LessPolicy(WrappedPolicy):
     """``inner`` policy + LESS. ``kernels``: :class:`LessKernels`, a shipped name or a checkpoint path."""
 
     def __init__(self, inner: MemoryPolicy, kernels: LessKernels | str | Path):
@@ -29,13 +30,8 @@ class LessPolicy(MemoryPolicy):
             from namm.less.checkpoint import load_less_kernels
 
             kernels = load_less_kernels(kernels)
-        self.inner = inner
+        super().__init__(inner, name=f"{inner.name}+less")
         self.kernels = kernels.eval().requires_grad_(False)
-        self.name = f"{inner.name}+less"
-        self.query_window = inner.query_window
-        self.n_up = inner.n_up
-        self.evicts = inner.evicts
-        self.schedule = inner.schedule
         self.state = LessState(kernels.config.num_layers, 1)
 
     def __getattr__(self, item: str):  # budget, set_population, ... of the wrapped policy
@@ -45,12 +41,11 @@ class LessPolicy(MemoryPolicy):
 
     def bind(self, model) -> None:
         """Bind the wrapped policy and move the kernels to the model's device and dtype."""
-        self.inner.bind(model)
-        self.query_window, self.n_up = self.inner.query_window, self.inner.n_up
+        super().bind(model)
         self.kernels.to(device=model.device, dtype=model.dtype)
 
     def reset(self, batch_size: int) -> None:
-        self.inner.reset(batch_size)
+        super().reset(batch_size)
         self.state = LessState(self.kernels.config.num_layers, batch_size)
 
     def _check(self, layer_idx: int, q_heads: int, kv_heads: int, head_dim: int) -> None:
@@ -62,7 +57,7 @@ class LessPolicy(MemoryPolicy):
 
     @torch.no_grad()
     def select(self, view: LayerView) -> Tensor:
-        keep = self.inner.select(view)
+        keep = super().select(view)
         if view.sliding_window is not None:
             return keep
         B, H, K, D = view.keys.shape

@@ -29,6 +29,7 @@ from namm.less.checkpoint import save_less_kernels
 from namm.less.kernels import KernelConfig, LayerKernels, LessKernels, mix_low_rank, sparse_attention
 from namm.memory.driver import MemoryRunner, memory_attention_enabled
 from namm.policies.base import LayerView, MemoryPolicy
+from namm.policies.wrapped import WrappedPolicy
 
 
 @dataclass
@@ -55,19 +56,16 @@ class TrainConfig:
             raise ValueError("lr must be > 0")
 
 
-class _Recorder(MemoryPolicy):
+class _Recorder(WrappedPolicy):
     """Run ``inner`` and record, per layer, every query, key and value (after RoPE) through the
     attention hook and, at every update, the (H, T) mask of the tokens evicted so far."""
 
     def __init__(self, inner: MemoryPolicy, num_layers: int, length: int):
-        self.inner, self.length = inner, length
-        self.name, self.query_window, self.n_up, self.evicts = inner.name, inner.query_window, inner.n_up, inner.evicts
+        super().__init__(inner)
+        self.length = length
         self.qkv: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(num_layers)]
         self.updates: list[list[int]] = [[] for _ in range(num_layers)]
         self.evicted: list[list[Tensor]] = [[] for _ in range(num_layers)]
-
-    def reset(self, batch_size: int) -> None:
-        self.inner.reset(batch_size)
 
     def attend(self, layer_idx, query, key, value, visible, scaling):
         Q = query.shape[2]  # one row, no padding: the step's keys are the last Q slots
@@ -75,7 +73,7 @@ class _Recorder(MemoryPolicy):
         return None
 
     def select(self, view: LayerView) -> Tensor:
-        keep = self.inner.select(view)
+        keep = super().select(view)
         layer = view.layer_idx
         gone = self.evicted[layer][-1].clone() if self.evicted[layer] else torch.zeros(
             view.keys.shape[1], self.length, dtype=torch.bool)

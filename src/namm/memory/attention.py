@@ -9,7 +9,7 @@ key is visible to a query when it is a real token, not newer than the query and 
 layer's sliding window), because after eviction the cache index of a key no longer says how old
 it is. The output always goes through ``scaled_dot_product_attention``; the queries a policy needs
 are buffered in the cache, and their attention probabilities are computed lazily at update time
-by :func:`buffered_attention`.
+by :func:`~namm.memory.masks.buffered_attention`.
 
 With any other cache the function is plain SDPA, so a model switched to it keeps working as usual.
 """
@@ -24,53 +24,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from namm.memory.cache import MemoryLayer, claim_layer
+from namm.memory.masks import visibility
 from namm.memory.schedule import StepPlan
 
 ATTENTION_NAME = "namm_memory"
-
-
-def visibility(query_positions: Tensor, key_positions: Tensor, sliding_window: int | None) -> Tensor:
-    """(B, H, Q, K) bool: which keys each query may attend to.
-
-    ``query_positions`` is (B, Q), ``key_positions`` (B, H, K); -1 marks padding / empty slots."""
-    q = query_positions[:, None, :, None]
-    k = key_positions[:, :, None, :]
-    visible = (k >= 0) & (k <= q)
-    if sliding_window is not None:
-        visible &= (q - k) < sliding_window
-    return visible
-
-
-def buffered_attention(
-    queries: Tensor,
-    query_positions: Tensor,
-    keys: Tensor,
-    key_positions: Tensor,
-    scaling: float,
-    sliding_window: int | None = None,
-) -> Tensor:
-    """(B, H, N, K) float32 softmax attention of buffered queries (B, H*G, N, D) over keys
-    (B, H, K, D), averaged over the G query heads of each KV head; zero where not visible.
-
-    Slots are packed and in temporal order (the runtime compacts before an update), so without a
-    sliding window the leading slots older than every buffered query are visible to all of them:
-    the mask is applied only to the slots after those."""
-    B, Hq, N, D = queries.shape
-    H, K = keys.shape[1], keys.shape[2]
-    G = Hq // H
-    q = queries.float().reshape(B, H, G * N, D) * scaling
-    logits = torch.matmul(q, keys.float().transpose(-1, -2)).view(B, H, G, N, K)
-    real_query = query_positions >= 0
-    start = 0
-    if sliding_window is None and bool(real_query.any()):
-        oldest_query = int(query_positions[real_query].min())
-        start = int(((key_positions >= 0) & (key_positions < oldest_query)).sum(-1).min())
-    visible = visibility(query_positions, key_positions[..., start:], sliding_window)[:, :, None]
-    logits[..., start:].masked_fill_(~visible, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if not bool(real_query.all()):  # padded query rows: no attention at all (and no NaN)
-        probs.masked_fill_(~real_query[:, None, None, :, None], 0.0)
-    return probs.mean(2)
 
 
 def attend_segment(layer: MemoryLayer, step: StepPlan, query: Tensor, start: int, end: int) -> Tensor:

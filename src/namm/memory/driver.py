@@ -26,7 +26,8 @@ from transformers import PreTrainedModel
 from namm.memory.attention import ATTENTION_NAME
 from namm.memory.cache import MemoryCache
 from namm.memory.schedule import UpdateRecord
-from namm.policies.base import MemoryPolicy, make_policy
+from namm.policies.base import MemoryPolicy
+from namm.policies.registry import make_policy
 
 __all__ = ["MemoryRunner", "UpdateRecord", "cache_argument", "memory_attention_enabled", "memory_cache"]
 

@@ -18,7 +18,8 @@ from transformers import (
 )
 
 from namm.memory.driver import MemoryRunner, UpdateRecord, memory_attention_enabled
-from namm.policies.base import MemoryPolicy, make_policy
+from namm.policies.base import MemoryPolicy
+from namm.policies.registry import make_policy
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""Eviction policies: importing this package registers every policy by name."""
+"""Eviction policies: the contract (``base``), budgets, selection helpers, the name table
+(``registry``) and one module per policy."""
 
-from namm.policies import full, h2o, l2, namm, pyramidkv, random_policy, recency, snapkv, streaming, tova  # noqa: F401
-from namm.policies.base import Budget, LayerView, MemoryPolicy, make_policy, policy_names
+from namm.policies.base import LayerView, MemoryPolicy
+from namm.policies.budget import Budget
+from namm.policies.registry import make_policy, policy_names
 
 __all__ = ["Budget", "LayerView", "MemoryPolicy", "make_policy", "policy_names"]

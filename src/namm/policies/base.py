@@ -8,12 +8,12 @@ never move memory themselves.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
-import torch
 from torch import Tensor
+
+from namm.memory.masks import buffered_attention
 
 
 @dataclass
@@ -50,10 +50,6 @@ class LayerView:
         """(B, H, K) bool: token arrived after this row's previous update."""
         return self.positions >= self.previous_tokens_seen[:, None, None]
 
-    def newest_slot(self) -> Tensor:
-        """(B, H) index of the newest valid slot of each head."""
-        return self.valid.sum(-1).clamp(min=1) - 1
-
     def attention(self) -> Tensor:
         """(B, H, N, K) float32 attention probabilities of the buffered queries over the current
         keys, averaged over the G query heads that share each KV head. Zero where a query could not
@@ -62,45 +58,11 @@ class LayerView:
         if self._attention is None:
             if self.queries is None or self.query_positions is None:
                 raise RuntimeError("this policy did not ask for buffered queries (query_window)")
-            from namm.memory.attention import buffered_attention
-
             self._attention = buffered_attention(
                 self.queries, self.query_positions, self.keys, self.positions,
                 self.scaling, self.sliding_window,
             )
         return self._attention
-
-
-class Budget:
-    """A cache budget: a fraction of tokens seen (0 < f <= 1) or an absolute token count (>= 1)."""
-
-    def __init__(self, value: float | int | str):
-        if isinstance(value, str):
-            text = value.strip()
-            try:
-                value = int(text) if text.isdigit() and int(text) > 1 else float(text)
-            except ValueError:
-                raise ValueError(f"budget must be a fraction in (0, 1] or a token count >= 2, got {text!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise ValueError(f"budget must be a number, got {value!r}")
-        if isinstance(value, int) and value > 1:
-            self.fraction, self.tokens = None, int(value)
-        elif 0 < value <= 1:
-            self.fraction, self.tokens = float(value), None
-        else:
-            raise ValueError(f"budget must be a fraction in (0, 1] or a token count >= 2, got {value!r}")
-
-    def capacity(self, tokens_seen: Tensor) -> Tensor:
-        """(B,) int64 number of tokens each row may keep per head after an update: at most
-        ``fraction * tokens_seen`` (so the memory never exceeds the budget), at least 1."""
-        if self.tokens is not None:
-            cap = torch.full_like(tokens_seen, self.tokens)
-        else:
-            cap = torch.floor(tokens_seen.double() * self.fraction).long()
-        return cap.clamp(min=1)
-
-    def __repr__(self) -> str:
-        return f"Budget({self.tokens if self.tokens is not None else self.fraction})"
 
 
 SCHEDULES = ("progressive", "prompt-end")
@@ -111,21 +73,6 @@ def check_schedule(schedule: str) -> str:
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     return schedule
-
-
-def budget_policy_init(policy) -> None:
-    """Shared checks for policies with a ``budget`` and ``n_up`` field."""
-    policy.budget = policy.budget if isinstance(policy.budget, Budget) else Budget(policy.budget)
-    if int(policy.n_up) < 1:
-        raise ValueError(f"n_up must be >= 1, got {policy.n_up}")
-
-
-def recent_slots(valid: Tensor, count: Tensor | int) -> Tensor:
-    """(B, H, K) bool: the ``count`` newest valid slots of each head (slots are packed)."""
-    held = valid.sum(-1, keepdim=True)
-    count = count if isinstance(count, int) else count.view(-1, 1, 1)
-    idx = torch.arange(valid.shape[-1], device=valid.device)
-    return valid & (idx >= held - count)
 
 
 class MemoryPolicy:
@@ -177,65 +124,3 @@ class MemoryPolicy:
     # returning the (B, Hq, Q, D) attention output of a forward step, or None for plain SDPA.
     # ``visible`` is the (B, 1 or Hq, Q, K) bool mask the runtime built. LESS uses it.
     attend = None
-
-
-def keep_top(scores: Tensor, count: Tensor, valid: Tensor, always: Tensor | None = None) -> Tensor:
-    """Keep, per (row, head), the ``count[row]`` valid slots with the highest scores.
-
-    ``always`` (B, H, K) marks slots that go before any scored slot; the newest valid slot of every
-    head goes first of all, so it is kept whenever ``count >= 1``. Never keeps more than ``count``.
-    Returns a (B, H, K) bool mask.
-    """
-    B, H, K = scores.shape
-    newest = torch.zeros_like(valid)
-    last = (valid.sum(-1).clamp(min=1) - 1).unsqueeze(-1)
-    newest.scatter_(-1, last, True)
-    newest &= valid
-    ranked = torch.where(valid, scores.float(), float("-inf"))
-    if always is not None:
-        ranked = torch.where(always & valid, torch.finfo(torch.float32).max, ranked)
-    ranked = torch.where(newest, float("inf"), ranked)
-    order = torch.argsort(ranked, dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(K, device=scores.device).expand(B, H, K))
-    limit = count.to(scores.device).view(B, 1, 1).clamp(min=1)
-    return valid & (rank < limit)
-
-
-PolicyFactory = Callable[..., MemoryPolicy]
-_REGISTRY: dict[str, PolicyFactory] = {}
-
-
-def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
-    """Class decorator: make a policy available to :func:`namm.make_policy` under ``name``."""
-
-    def wrap(factory: PolicyFactory) -> PolicyFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
-
-
-def policy_names() -> list[str]:
-    from namm import policies  # noqa: F401  (imports register every policy)
-
-    return sorted(_REGISTRY)
-
-
-def make_policy(name: str, less=None, schedule: str | None = None, **options) -> MemoryPolicy:
-    """Build a registered policy by name, e.g. ``make_policy("h2o", budget=0.25)``. ``schedule``
-    ("progressive" or "prompt-end") overrides the policy's own default. ``less`` (a shipped LESS
-    kernel name, a checkpoint path or kernels) wraps it with a LESS low-rank memory."""
-    names = policy_names()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(names)}")
-    if schedule is not None:
-        check_schedule(schedule)
-    policy = _REGISTRY[name](**options)
-    if schedule is not None:
-        policy.schedule = schedule
-    if less is None:
-        return policy
-    from namm.less.policy import LessPolicy
-
-    return LessPolicy(policy, less)

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from namm.policies.base import LayerView, MemoryPolicy, register_policy
+from namm.policies.base import LayerView, MemoryPolicy
 
 
-@register_policy("full")
 @dataclass
 class FullPolicy(MemoryPolicy):
     """Keeps the whole KV cache; the runtime never runs an update for it."""

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from namm.policies.base import (
-    Budget, LayerView, MemoryPolicy, budget_policy_init, keep_top, recent_slots, register_policy,
-)
+from namm.policies.base import LayerView, MemoryPolicy
+from namm.policies.budget import Budget, budget_policy_init
+from namm.policies.selection import keep_top, recent_slots
 
 
-@register_policy("h2o")
 @dataclass
 class H2OPolicy(MemoryPolicy):
     budget: Budget | float | int | str = 0.25

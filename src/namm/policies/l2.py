@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from namm.policies.base import Budget, LayerView, MemoryPolicy, budget_policy_init, keep_top, register_policy
+from namm.policies.base import LayerView, MemoryPolicy
+from namm.policies.budget import Budget, budget_policy_init
+from namm.policies.selection import keep_top
 
 
 def l2_layer_capacity(cap: Tensor, tokens_seen: Tensor, layer_idx: int, num_layers: int,
@@ -31,7 +33,6 @@ def l2_layer_capacity(cap: Tensor, tokens_seen: Tensor, layer_idx: int, num_laye
     return layer_idx < whole, rest
 
 
-@register_policy("l2")
 @dataclass
 class L2Policy(MemoryPolicy):
     budget: Budget | float | int | str = 0.25

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from namm.policies.base import (
-    Budget, LayerView, MemoryPolicy, budget_policy_init, keep_top, recent_slots, register_policy,
-)
+from namm.policies.base import LayerView, MemoryPolicy
+from namm.policies.budget import Budget, budget_policy_init
+from namm.policies.selection import keep_top, recent_slots
 from namm.policies.snapkv import snapkv_scores
 
 
@@ -32,7 +32,6 @@ def pyramid_capacity(mean_cap: Tensor, layer_idx: int, num_layers: int, beta: fl
     return torch.floor(high - (high - low) * frac).long()
 
 
-@register_policy("pyramidkv")
 @dataclass
 class PyramidKVPolicy(MemoryPolicy):
     budget: Budget | float | int | str = 0.25

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from namm.policies.base import Budget, LayerView, MemoryPolicy, budget_policy_init, keep_top, register_policy
+from namm.policies.base import LayerView, MemoryPolicy
+from namm.policies.budget import Budget, budget_policy_init
+from namm.policies.selection import keep_top
 
 _MASK = (1 << 32) - 1
 
@@ -36,7 +38,6 @@ def random_scores(seed: int, layer: int, tokens_seen: Tensor, positions: Tensor)
     return (x >> 8).float() / (1 << 24)  # 24 bits: exact in float32
 
 
-@register_policy("random")
 @dataclass
 class RandomPolicy(MemoryPolicy):
     budget: Budget | float | int | str = 0.25

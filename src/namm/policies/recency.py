@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from namm.policies.base import Budget, LayerView, MemoryPolicy, budget_policy_init, keep_top, register_policy
+from namm.policies.base import LayerView, MemoryPolicy
+from namm.policies.budget import Budget, budget_policy_init
+from namm.policies.selection import keep_top
 
 
-@register_policy("recency")
 @dataclass
 class RecencyPolicy(MemoryPolicy):
     budget: Budget | float | int | str = 0.25

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from namm.policies.base import (
-    Budget, LayerView, MemoryPolicy, budget_policy_init, keep_top, recent_slots, register_policy,
-)
+from namm.policies.base import LayerView, MemoryPolicy
+from namm.policies.budget import Budget, budget_policy_init
+from namm.policies.selection import keep_top, recent_slots
 
 
 def snapkv_scores(view: LayerView, kernel: int) -> Tensor:
@@ -28,7 +28,6 @@ def snapkv_scores(view: LayerView, kernel: int) -> Tensor:
     return pooled.reshape(B, H, K)
 
 
-@register_policy("snapkv")
 @dataclass
 class SnapKVPolicy(MemoryPolicy):
     budget: Budget | float | int | str = 0.25

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from namm.policies.base import make_policy
+from namm.policies.registry import make_policy
 from namm.rl.data import generate_trajectories
 from namm.rl.model import DecisionTransformer
 from namm.rl.retention import kept_shares, plot_retention, profile, teacher_forced

@@ -4,6 +4,7 @@
     samples = get_task("passkey").samples(tokenizer, length=2048, n=20)
 """
 
-from namm.tasks.base import Sample, Task, get_task, register_task, task_names
+from namm.tasks.base import Sample, Task
+from namm.tasks.registry import get_task, task_names
 
-__all__ = ["Sample", "Task", "get_task", "register_task", "task_names"]
+__all__ = ["Sample", "Task", "get_task", "task_names"]

@@ -1,9 +1,9 @@
-"""What every benchmark task produces, and the registry of tasks by name."""
+"""What every benchmark task produces (:class:`Sample`) and what a task is (:class:`Task`)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 
 @dataclass
@@ -64,29 +64,3 @@ class Task(Protocol):
         dataset tasks: ``length`` is the truncation limit). The same arguments give the same
         samples."""
         ...
-
-
-_TASKS: dict[str, Callable[[], Task]] = {}
-
-
-def register_task(name: str, factory: Callable[[], Task]) -> None:
-    """Make a task available to :func:`get_task` under ``name``."""
-    _TASKS[name] = factory
-
-
-def _load_all() -> None:
-    from namm.tasks import choubun, infinitebench, longbench, synthetic  # noqa: F401  (register tasks)
-
-
-def task_names() -> list[str]:
-    """Every registered task name, sorted."""
-    _load_all()
-    return sorted(_TASKS)
-
-
-def get_task(name: str) -> Task:
-    """The task registered under ``name``; ValueError naming the choices otherwise."""
-    _load_all()
-    if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(sorted(_TASKS))}")
-    return _TASKS[name]()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from namm.tasks.base import Sample, register_task
+from namm.tasks.base import Sample
 from namm.tasks.longbench import DatasetTask, task_specs
 from namm.tasks.metrics import mecab_tokens
 
@@ -21,5 +21,5 @@ class ChouBunTask(DatasetTask):
         return super().samples(tokenizer, length, n, seed)
 
 
-for _name in task_specs("choubun"):
-    register_task(f"choubun/{_name}", lambda n=_name: ChouBunTask("choubun", n, "SakanaAI/ChouBun", n, "test"))
+TASKS = {f"choubun/{name}": (lambda n=name: ChouBunTask("choubun", n, "SakanaAI/ChouBun", n, "test"))
+         for name in task_specs("choubun")}  # name -> factory, read by namm.tasks.registry

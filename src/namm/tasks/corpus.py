@@ -139,8 +139,3 @@ def corpus_tokens(tokenizer, n_tokens: int, split: str = "train", seed: int = 0)
         if taken == len(pool):
             raise ValueError(f"the offline corpus split {split!r} holds only {len(ids)} tokens with this "
                              f"tokenizer; {n_tokens} were asked")
-
-
-def corpus_text(tokenizer, n_tokens: int, split: str = "train", seed: int = 0) -> str:
-    """About ``n_tokens`` tokens of corpus text, decoded (re-encoding may differ by a few tokens)."""
-    return tokenizer.decode(corpus_tokens(tokenizer, n_tokens, split, seed).tolist())

@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from namm.tasks.base import register_task
 from namm.tasks.longbench import DatasetTask, answers_of, task_specs
 
 LETTERS = "ABCD"
@@ -37,6 +36,6 @@ class InfiniteBenchTask(DatasetTask):
         return fields, answers
 
 
-for _name in task_specs("infinitebench"):
-    register_task(f"infinitebench/{_name}",
-                  lambda n=_name: InfiniteBenchTask("infinitebench", n, "xinrongzhang2022/InfiniteBench", None, n))
+TASKS = {f"infinitebench/{name}": (lambda n=name: InfiniteBenchTask("infinitebench", n,
+                                                                   "xinrongzhang2022/InfiniteBench", None, n))
+         for name in task_specs("infinitebench")}  # name -> factory, read by namm.tasks.registry

@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import ClassVar
 
-from namm.tasks.base import Sample, register_task
+from namm.tasks.base import Sample
 from namm.tasks.metrics import get_metric
 
 GENERIC_TEMPLATE = "{context}\n\nQuestion: {input}\nAnswer:"
@@ -249,6 +249,5 @@ def samples_from_jsonl(path: str | Path, metric: str, tokenizer, max_length: int
     return out
 
 
-for _name in task_specs("longbench"):
-    register_task(f"longbench/{_name}",
-                  lambda n=_name: DatasetTask("longbench", n, "THUDM/LongBench", n, "test"))
+TASKS = {f"longbench/{name}": (lambda n=name: DatasetTask("longbench", n, "THUDM/LongBench", n, "test"))
+         for name in task_specs("longbench")}  # name -> factory, read by namm.tasks.registry

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from namm.tasks.base import Sample, register_task
+from namm.tasks.base import Sample
 from namm.tasks.corpus import all_paragraphs, corpus_tokens
 
 Built = tuple[str, str, list[str]]  # (context, question, answers)
@@ -379,11 +379,6 @@ SYNTHETIC_TASKS = [
                   True, 8, metric="retrieval"),
 ]
 
-for _task in SYNTHETIC_TASKS:
-    register_task(_task.name, lambda t=_task: t)
-
-
-def synthetic_task_names() -> list[str]:
-    return [t.name for t in SYNTHETIC_TASKS]
+TASKS = {t.name: (lambda t=t: t) for t in SYNTHETIC_TASKS}  # name -> factory, read by namm.tasks.registry
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from namm.policies.base import Budget, LayerView, MemoryPolicy, register_policy
+from namm.policies.base import LayerView, MemoryPolicy
+from namm.policies.budget import Budget
 from namm.policies.namm.checkpoint import (NAMMCheckpoint, load_namm_checkpoint, namm_config, shipped_namm_for,
                                           zeros_checkpoint)
 from namm.policies.namm.features import Normalization, layer_features, token_features
@@ -24,7 +25,6 @@ from namm.policies.namm.scorers import make_scorer
 from namm.policies.namm.selection import out_of_window, select_tokens
 
 
-@register_policy("namm")
 @dataclass(eq=False)
 class NAMMPolicy(MemoryPolicy):
     """NAMM eviction. ``checkpoint``: None (the default: the checkpoint shipped for the model the

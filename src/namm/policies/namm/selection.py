@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from namm.policies.base import keep_top
+from namm.policies.selection import keep_top
 
 
 def newest_mask(valid: Tensor) -> Tensor:
