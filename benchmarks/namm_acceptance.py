@@ -1,0 +1,171 @@
+"""Does a NAMM beat the baselines at equal memory? The evolution issue's acceptance table.
+
+    python benchmarks/namm_acceptance.py --checkpoint runs/smollm2-135m-budget/best \\
+        [--threshold-checkpoint C] [--tasks niah_single,passkey,multidoc_qa] [--lengths 2048,4096] \\
+        [--samples 32] [--seed 100] [--budgets 0.25,0.5] [--out docs/results/namm-acceptance]
+
+Everything is query-agnostic (the context is compressed before the question is seen). For every
+length it runs ``namm compare`` (resumable: rerun the same command to continue):
+
+* budget mode: full, the NAMM at each budget on its own (progressive) schedule, and every
+  baseline at the same budgets on both query-agnostic schedules (progressive, and prompt-end:
+  compressed once after the context);
+* threshold mode (with ``--threshold-checkpoint``): the NAMM on its threshold, then every baseline at
+  the NAMM's measured mean KV fraction per task (``--match-cache namm``), on both schedules.
+
+Each baseline is then taken on whichever schedule scores best for it on that task, length and
+budget, and ``OUT/README.md`` / ``OUT/summary.json`` say, row by row, whether the NAMM is above every
+baseline and (threshold mode) whether it keeps >= 95% of the full cache's score at <= 0.5 of its
+KV bytes. Scores carry bootstrap 95% intervals over samples (from ``namm compare``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from namm.commands.compare import matched_budget
+
+BASELINES = "recency,streaming,h2o,l2,tova,random"
+SCHEDULES = ("progressive", "prompt-end")
+
+
+def compare(out: Path, length: int, args: argparse.Namespace, policies: str, tasks: str, schedule: str,
+            budget_args: list[str], checkpoint: str) -> dict:
+    """Run (or resume) one ``namm compare`` and return its results.json."""
+    command = [sys.executable, "-m", "namm", "compare", "--model", args.model, "--policies", policies,
+               "--tasks", tasks, "--length", str(length), "--samples", str(args.samples),
+               "--seed", str(args.seed), "--checkpoint", checkpoint, "--schedule", schedule,
+               "--question-after-compression", "--batch-size", str(args.batch_size), "--quiet", "--out", str(out),
+               *budget_args, *(["--threads", str(args.threads)] if args.threads else [])]
+    print("$", " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "results.json").read_text())
+
+
+def runs_of(args: argparse.Namespace, length: int) -> list[tuple[str, list[dict]]]:
+    """(mode, rows) of every compare run for one length."""
+    root = Path(args.out) / f"L{length}"
+    done = []
+    for schedule in SCHEDULES:
+        policies = ("full,namm," if schedule == "progressive" else "") + args.baselines
+        rows = compare(root / f"budget-{schedule}", length, args, policies, args.tasks, schedule,
+                       ["--budgets", args.budgets], args.checkpoint)["rows"]
+        done.append(("budget", rows))
+    if args.threshold_checkpoint:
+        rows = compare(root / "threshold-progressive", length, args, "namm," + args.baselines, args.tasks,
+                       "progressive", ["--match-cache", "namm"], args.threshold_checkpoint)["rows"]
+        done.append(("threshold", rows))
+        for r in [r for r in rows if r["policy"] == "namm"]:  # the same budgets, compressed once
+            again = compare(root / f"threshold-prompt-end-{r['task']}", length, args, args.baselines, r["task"],
+                            "prompt-end", ["--budgets", matched_budget(r["kv_fraction"])], args.checkpoint)["rows"]
+            done.append(("threshold", again))
+    return done
+
+
+def budget_key(row: dict, mode: str) -> str:
+    return "matched" if mode == "threshold" else str(row["budget"])
+
+
+def verdicts(runs: list[tuple[str, dict]], length: int, baselines: list[str]) -> list[dict]:
+    """One line per (mode, task, budget): the NAMM, the full cache and each baseline on its best schedule."""
+    full = {r["task"]: r for _, rows in runs for r in rows if r["policy"] == "full"}
+    groups: dict[tuple[str, str, str], dict] = {}
+    for mode, rows in runs:
+        for r in rows:
+            if r["policy"] == "full":
+                continue
+            g = groups.setdefault((mode, r["task"], budget_key(r, mode)), {"baselines": {}})
+            if r["policy"] == "namm":
+                g["namm"] = r
+            else:
+                best = g["baselines"].get(r["policy"])
+                if best is None or r["score"] > best["score"]:
+                    g["baselines"][r["policy"]] = r
+    lines = []
+    for (mode, task, budget), g in sorted(groups.items()):
+        namm, ref = g.get("namm"), full.get(task)
+        if namm is None or ref is None:
+            continue
+        beaten = [b for b in baselines if b in g["baselines"] and namm["score"] > g["baselines"][b]["score"]]
+        line = {"mode": mode, "task": task, "length": length, "budget": budget, "n": namm["n"],
+                "full": ref["score"], "namm": namm["score"], "namm_ci": namm["score_ci"],
+                "namm_kv_fraction": namm["kv_fraction"],
+                "normalised": 100.0 * namm["score"] / ref["score"] if ref["score"] > 0 else None,
+                "baselines": {b: {"score": r["score"], "ci": r["score_ci"], "schedule": r["schedule"],
+                                  "kv_fraction": r["kv_fraction"]} for b, r in sorted(g["baselines"].items())},
+                "above_every_baseline": len(beaten) == len(baselines)}
+        if mode == "threshold":
+            line["keeps_95_at_half"] = (line["normalised"] or 0) >= 95.0 and namm["kv_fraction"] <= 0.5
+        lines.append(line)
+    return lines
+
+
+def ci(score: float, interval) -> str:
+    return f"{score:.1f} [{interval[0]:.1f}, {interval[1]:.1f}]"
+
+
+def markdown(lines: list[dict], baselines: list[str], args: argparse.Namespace) -> str:
+    head = ["mode", "task", "length", "budget", "n", "full", "NAMM [95% CI]", "NAMM KV", *baselines, "NAMM above all"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ln in lines:
+        cells = [ln["mode"], ln["task"], str(ln["length"]), ln["budget"], str(ln["n"]), f"{ln['full']:.1f}",
+                 ci(ln["namm"], ln["namm_ci"]), f"{ln['namm_kv_fraction']:.3f}"]
+        for b in baselines:
+            r = ln["baselines"].get(b)
+            cells.append(f"{ci(r['score'], r['ci'])} ({r['schedule']})" if r else "–")
+        verdict = "yes" if ln["above_every_baseline"] else "no"
+        if ln["mode"] == "threshold":
+            verdict += "; ≥95% of full at ≤0.5 KV: " + ("yes" if ln["keeps_95_at_half"] else "no")
+        out.append("| " + " | ".join(cells + [verdict]) + " |")
+    return "\n".join([
+        "# NAMM vs the baselines at equal memory (query-agnostic)",
+        "",
+        f"NAMM checkpoint: `{args.checkpoint}`"
+        + (f"; threshold mode: `{args.threshold_checkpoint}`" if args.threshold_checkpoint else "") + ".",
+        f"Tasks {args.tasks}, seed {args.seed}, {args.samples} samples per task and length; model {args.model}. "
+        "Each baseline cell is its score on whichever query-agnostic schedule (progressive, or prompt-end: "
+        "compressed once after the context) scored best for it on that row; score 0-100 with a bootstrap 95% "
+        "interval over samples. Budget mode: every policy at the row's budget (a memory budget in KV bytes). "
+        "Threshold mode: baselines at the NAMM's measured mean KV fraction on the task. The runs behind each "
+        "row are in `L<length>/<mode>-<schedule>/` (results.md there has KV bytes, peaks and tokens/s).",
+        "",
+        f"Reproduce: `python benchmarks/namm_acceptance.py {' '.join(sys.argv[1:])}`",
+        "",
+        *out,
+        "",
+    ])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="budget-mode NAMM checkpoint (a run's best/ or a shipped name)")
+    p.add_argument("--threshold-checkpoint", help="threshold-mode checkpoint (from `namm finalize`); omit to skip")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tasks", default="niah_single,passkey,multidoc_qa")
+    p.add_argument("--lengths", default="2048,4096")
+    p.add_argument("--budgets", default="0.25,0.5")
+    p.add_argument("--baselines", default=BASELINES)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seed", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="docs/results/namm-acceptance")
+    args = p.parse_args()
+    baselines = [b for b in args.baselines.split(",") if b]
+    lines = []
+    for length in [int(x) for x in args.lengths.split(",")]:
+        lines += verdicts(runs_of(args, length), length, baselines)
+    out = Path(args.out)
+    (out / "summary.json").write_text(json.dumps(lines, indent=1) + "\n")
+    text = markdown(lines, baselines, args)
+    (out / "README.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

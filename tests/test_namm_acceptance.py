@@ -1,0 +1,48 @@
+"""The acceptance table's logic (benchmarks/namm_acceptance.py): best schedule per baseline, the
+verdicts, and the markdown. No model runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def acc():
+    spec = importlib.util.spec_from_file_location("namm_acceptance", ROOT / "benchmarks" / "namm_acceptance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(policy, score, budget=None, schedule="progressive", kv=0.25, task="niah_single"):
+    return {"task": task, "policy": policy, "score": score, "score_ci": [score - 10, score + 10], "budget": budget,
+            "schedule": schedule, "kv_fraction": kv, "n": 32}
+
+
+def test_each_baseline_on_its_best_schedule_and_the_verdict(acc):
+    runs = [
+        ("budget", [row("full", 80.0, kv=1.0), row("namm", 50.0, "0.25"), row("streaming", 40.0, "0.25"),
+                    row("h2o", 30.0, "0.25")]),
+        ("budget", [row("streaming", 20.0, "0.25", "prompt-end"), row("h2o", 55.0, "0.25", "prompt-end")]),
+        ("threshold", [row("namm", 78.0, kv=0.4), row("streaming", 60.0, "0.4000"), row("h2o", 70.0, "0.4000")]),
+        ("threshold", [row("streaming", 65.0, "0.4000", "prompt-end"), row("h2o", 77.0, "0.4000", "prompt-end")]),
+    ]
+    budget, threshold = acc.verdicts(runs, 2048, ["streaming", "h2o"])
+    assert budget["mode"] == "budget" and budget["budget"] == "0.25"
+    assert budget["baselines"]["streaming"]["schedule"] == "progressive"
+    assert budget["baselines"]["h2o"] == {"score": 55.0, "ci": [45.0, 65.0], "schedule": "prompt-end", "kv_fraction": 0.25}
+    assert not budget["above_every_baseline"], "h2o compressed once beats the NAMM"
+    assert threshold["above_every_baseline"] and threshold["keeps_95_at_half"]
+    assert threshold["normalised"] == pytest.approx(97.5)
+    args = argparse.Namespace(checkpoint="c", threshold_checkpoint="t", tasks="niah_single", seed=100, samples=32,
+                              model="smollm2-135m")
+    text = acc.markdown([budget, threshold], ["streaming", "h2o"], args)
+    assert "| budget | niah_single | 2048 | 0.25 | 32 | 80.0 | 50.0 [40.0, 60.0] | 0.250 | 40.0 [30.0, 50.0] " \
+           "(progressive) | 55.0 [45.0, 65.0] (prompt-end) | no |" in text
+    assert "≥95% of full at ≤0.5 KV: yes" in text
