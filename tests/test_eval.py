@@ -130,7 +130,7 @@ def test_report_helpers():
     assert mean[0]["score_ci"] == pytest.approx((30.0, 70.0))  # task a resampled alone: 0, 40 or 80
     table = markdown_table(rows).splitlines()
     assert table[0].startswith("| task | policy | budget |") and len(table) == 4
-    assert table[2] == "| a | h2o | 0.5 | – | – | 2 | 40.0 | 50.0 | 0.500 | 0.900 | 1.0 | 100 | 10.0 |"  # no labels
+    assert table[2] == "| a | h2o | 0.5 | – | – | 2 | 40.0 | 50.0 | 0.500 | 0.900 | 0.500 | 1.0 | 100 | 10.0 |"  # no labels
     assert table[3].startswith("| b | h2o | 0.5 | – | – | 2 | 60.0 [60.0, 60.0] | – | 0.400 |")
     assert normalized_score(40.0, 80.0) == 50.0 and normalized_score(10.0, 0.0) is None
 
@@ -207,6 +207,38 @@ def test_cli_compare_table_and_plot(tiny_dir, tmp_path):
     assert len(rows) == 2 * (1 + 2 + 2)
     assert {r["policy"] for r in rows if r["cache_fraction"] < 1} == {"recency", "h2o"}
     assert main(argv[:5] + ["--tasks", "nope", "--out", str(out)]) == 2
+
+
+def test_cli_namm_and_h2o_with_less_count_the_state_in_every_memory_figure(tiny_dir, tmp_path, capsys):
+    from namm.less import KernelConfig, LessKernels, save_less_kernels
+
+    kernels = save_less_kernels(tmp_path / "less", LessKernels(KernelConfig.for_model(tiny_model("llama-gqa"), 8)))
+    state = 3 * 2 * 8 * (16 + 1) * 4  # layers * KV heads * R * (d + 1) * float32
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", tiny_dir, "--policies", "full,h2o,namm", "--budgets", "0.25", "--checkpoint",
+                 "smollm2-135m", "--less", str(kernels), "--tasks", "passkey", "--length", "600", "--samples", "1",
+                 "--n-up", "128", "--out", str(out), "--quiet"]) == 0
+    assert "KV + LESS fraction" in (out / "results.md").read_text()
+    rows = {r["policy"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {"full", "h2o+less", "namm+less"} and rows["full"]["less_state_bytes"] == 0
+    for name in ("h2o+less", "namm+less"):
+        assert rows[name]["less_state_bytes"] == state
+        assert rows[name]["memory_fraction"] > rows[name]["kv_fraction"]
+    ppl = tmp_path / "ppl"
+    assert main(["eval", "--model", tiny_dir, "--task", "perplexity", "--length", "300", "--samples", "1",
+                 "--policy", "namm", "--checkpoint", "smollm2-135m", "--n-up", "128", "--less", str(kernels),
+                 "--out", str(ppl), "--quiet"]) == 0
+    metrics = json.loads((ppl / "metrics.json").read_text())
+    assert metrics["policy"] == "namm+less" and metrics["less_state_bytes"] == state
+    assert metrics["memory_fraction_peak"] == pytest.approx((metrics["kv_bytes_peak"] + state)
+                                                            / metrics["kv_bytes_full_peak"])
+    assert "LESS state 3.2 KiB" in capsys.readouterr().out
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("x" * 300)
+    assert main(["generate", "--model", tiny_dir, "--policy", "namm", "--checkpoint", "smollm2-135m", "--n-up", "128",
+                 "--less", str(kernels), "--prompt-file", str(prompt), "--max-new-tokens", "2", "--json"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["less_state_bytes"] == state and reply["memory_fraction"] > reply["kv_bytes"] / reply["kv_bytes_full"]
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from namm.less import KernelConfig, LessKernels, LessPolicy, load_less_kernels, 
 from namm.less.kernels import mix_low_rank, sparse_attention
 from namm.memory.driver import MemoryRunner, memory_attention_enabled
 from namm.policies.base import LayerView
+from namm.policies.wrapped import WrappedPolicy
 from tiny_models import random_prompt, tiny_model
 
 KINDS = ["llama-gqa", "llama-mha", "qwen2", "gemma3"]
@@ -87,6 +88,44 @@ def test_every_evicted_token_is_folded_exactly_once(model):
         assert (policy.state.folded[layer] == 128 - 20).all()
 
 
+class EvictionCounter(WrappedPolicy):
+    """Counts, per layer, row, KV head and position, how often ``inner`` evicted a token."""
+
+    def __init__(self, inner, num_layers: int, batch: int, heads: int, length: int):
+        super().__init__(inner)
+        self.counts = torch.zeros(num_layers, batch, heads, length, dtype=torch.long)
+
+    def select(self, view):
+        keep = super().select(view)
+        rows, heads, slots = (view.valid & ~keep).nonzero(as_tuple=True)
+        positions = view.positions[rows, heads, slots]
+        self.counts[view.layer_idx].index_put_((view.rows[rows], heads, positions), torch.ones_like(positions),
+                                               accumulate=True)
+        return keep
+
+
+@pytest.mark.parametrize("options", [{"budget": 0.3}, {"max_fraction": 0.4}], ids=["budget", "threshold-capped"])
+def test_namm_with_less_folds_every_evicted_token_exactly_once(options):
+    model = tiny_model("llama-gqa")
+    less = LessPolicy(namm.make_policy("namm", checkpoint="smollm2-135m", n_up=32, **options),  # the shipped NAMM
+                      active_kernels(model))
+    prompts = [random_prompt(150, seed=5), random_prompt(97, seed=6)]
+    counter = EvictionCounter(less, 3, 2, 2, 150)
+    runner = MemoryRunner(model, counter, 2, chunk_size=16)
+    with torch.inference_mode(), memory_attention_enabled(model):
+        runner.feed(prompts)
+    assert less.inner.loaded_checkpoint is not None and less.name == "namm+less"
+    for layer in range(3):
+        counts = counter.counts[layer]
+        assert counts.max() == 1  # no token evicted (so folded) twice
+        assert (less.state.folded[layer] == counts.sum(-1)).all()
+        held = runner.cache.layers[layer].positions >= 0
+        for row, length in enumerate((150, 97)):
+            # every token seen is either still in the cache or was evicted (and folded) once
+            assert (held[row].sum(-1) + counts[row].sum(-1) == length).all()
+    assert less.state_nbytes() == 3 * 2 * 8 * (16 + 1) * 4 and counter.state_nbytes() == less.state_nbytes()
+
+
 def hand_view(keys, values, positions, seen, previous):
     B = keys.shape[0]
     return LayerView(layer_idx=0, num_layers=1, keys=keys, values=values, positions=positions, queries=None,
@@ -154,6 +193,39 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         namm.generate(other, None, random_prompt(200), policy=policy, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("damage", ["garbage", "shape", "missing", "nan", "config"])
+def test_bad_kernel_files_give_one_line_errors(tmp_path, damage, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from namm.cli import main
+
+    model = tiny_model("llama-gqa")
+    path = save_less_kernels(tmp_path / "k", active_kernels(model))
+    tensors = load_file(str(path))
+    if damage == "garbage":
+        path.write_bytes(b"not a safetensors file")
+    elif damage == "config":
+        meta = path.with_suffix(".json")
+        meta.write_text(meta.read_text().replace('"rank"', '"rank_typo"'))
+    else:
+        name = "layers.0.psi.w1"
+        if damage == "shape":
+            tensors[name] = tensors[name][:, :-1].contiguous()
+        elif damage == "missing":
+            del tensors[name]
+        else:
+            tensors[name][0, 0, 0] = float("nan")
+        save_file(tensors, str(path))
+    with pytest.raises(ValueError, match="malformed LESS checkpoint") as err:
+        load_less_kernels(path)
+    assert "\n" not in str(err.value)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello")
+    assert main(["generate", "--policy", "h2o", "--less", str(path), "--prompt-file", str(prompt)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "malformed LESS checkpoint" in lines[0]
+
+
 class ByteTokenizer:
     """Stand-in tokenizer for the tiny models: one token per UTF-8 byte (ids 1..255)."""
 
@@ -182,7 +254,7 @@ def test_training_reduces_the_layer_error_and_resumes(tmp_path, monkeypatch):
     # resuming reuses the captured data and the finished layers: nothing is recomputed
     import namm.less.training as training
 
-    monkeypatch.setattr(training, "fit_layer", lambda *a, **k: pytest.fail("a finished layer was refitted"))
+    monkeypatch.setattr(training, "fit_group", lambda *a, **k: pytest.fail("a finished layer was refitted"))
     monkeypatch.setattr(training, "capture_sequence", lambda *a, **k: pytest.fail("data was captured again"))
     again = load_less_kernels(train_less(model, ByteTokenizer(), policy, tmp_path, config, {"model": "tiny"},
                                          progress=False))
@@ -193,6 +265,68 @@ def test_training_reduces_the_layer_error_and_resumes(tmp_path, monkeypatch):
     out = namm.generate(model, None, random_prompt(200), policy=namm.make_policy("h2o", budget=0.2, n_up=64,
                                                                                  less=path), max_new_tokens=3)
     assert len(out.token_ids) == 3
+
+
+def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    import namm.less.training as training
+    from namm.less.training import TrainConfig, train_less
+
+    model = tiny_model("llama-gqa")
+    config = TrainConfig(sequences=2, seq_len=160, queries_per_seq=16, steps=4, batch_sequences=2, lr=1e-2,
+                         hidden=8, rank=4, layers_per_pass=2)
+    policy = lambda: namm.make_policy("h2o", budget=0.2, n_up=64)
+    whole = load_less_kernels(train_less(model, ByteTokenizer(), policy(), tmp_path / "whole", config, progress=False))
+    fit, passes = training.fit_group, []
+
+    def fit_once(params, *args, **kwargs):
+        if passes:
+            raise KeyboardInterrupt  # stopped during the second pass (layer 2)
+        passes.append(params["log_scale"].shape[0])
+        return fit(params, *args, **kwargs)
+
+    monkeypatch.setattr(training, "fit_group", fit_once)
+    with pytest.raises(KeyboardInterrupt):
+        train_less(model, ByteTokenizer(), policy(), tmp_path / "cut", config, progress=False)
+    assert passes == [2] and sorted(p.name for p in (tmp_path / "cut" / "layers").glob("*.safetensors")) == [
+        "layer_000.safetensors", "layer_001.safetensors"]
+    monkeypatch.setattr(training, "fit_group", fit)
+    resumed = load_less_kernels(train_less(model, ByteTokenizer(), policy(), tmp_path / "cut", config,
+                                           progress=False))
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_training_on_a_bfloat16_model_gives_float32_kernels_that_follow_the_model(tmp_path):
+    from namm.less.training import TrainConfig, train_less
+
+    model = tiny_model("qwen2").to(torch.bfloat16)
+    config = TrainConfig(sequences=2, seq_len=160, queries_per_seq=16, steps=3, batch_sequences=2, hidden=8, rank=4)
+    path = train_less(model, ByteTokenizer(), namm.make_policy("h2o", budget=0.2, n_up=64), tmp_path, config,
+                      progress=False)
+    kernels = load_less_kernels(path)
+    assert {p.dtype for p in kernels.parameters()} == {torch.float32}
+    policy = namm.make_policy("h2o", budget=0.2, n_up=64, less=kernels)
+    out = namm.generate(model, None, random_prompt(200), policy=policy, max_new_tokens=3)
+    assert len(out.token_ids) == 3 and out.less_state_bytes == policy.state_nbytes() > 0
+    assert {p.dtype for p in policy.kernels.parameters()} == {torch.bfloat16}  # kernels in the model's dtype
+    state = [h for h in policy.state.h if h is not None]
+    assert state and all(h.dtype == torch.float32 and h.device == model.device for h in state)  # float32 state
+
+
+def test_training_on_the_shipped_namm_evictions(tmp_path):
+    from namm.less.checkpoint import read_metadata
+    from namm.less.training import TrainConfig, train_less
+
+    model = tiny_model("llama-gqa")
+    policy = namm.make_policy("namm", checkpoint="smollm2-135m", budget=0.3)  # the shipped NAMM, its n_up
+    assert policy.n_up == 512
+    config = TrainConfig(sequences=2, seq_len=640, queries_per_seq=16, steps=3, batch_sequences=2, hidden=8, rank=4)
+    path = train_less(model, ByteTokenizer(), policy, tmp_path, config, {"policy": "namm"}, progress=False)
+    layers = read_metadata(path)["provenance"]["layers"]
+    assert all(report["policy_mse"] > 0 for report in layers.values())
+    with pytest.raises(ValueError, match="must exceed"):
+        train_less(model, ByteTokenizer(), namm.make_policy("namm", checkpoint="smollm2-135m"), tmp_path / "short",
+                   TrainConfig(seq_len=400), progress=False)
 
 
 def test_training_config_errors():

@@ -43,6 +43,8 @@ def add_parser(sub) -> None:
     add_data_file_args(p, source)
     p.add_argument("--checkpoint", default=None, help="NAMM checkpoint for policy namm (default: the policy's own)")
     p.add_argument("--n-up", type=int, default=None, help="tokens between memory updates (default 512)")
+    p.add_argument("--less", default=None,
+                   help="add LESS (shipped kernels name or a `namm less-train` path) to every policy but full")
     add_schedule_arg(p)
     add_sample_args(p, samples=10)
     p.add_argument("--out", required=True, help="output folder")
@@ -108,16 +110,17 @@ def matched_budget(kv_fraction: float) -> str:
     return f"{min(max(kv_fraction, 1e-4), 1.0):.4f}"
 
 
-def run_name(args: argparse.Namespace, policy, name: str, budget: str | None) -> str:
+def run_name(args: argparse.Namespace, policy, budget: str | None) -> str:
     """The folder of one run: POLICY[-BUDGET][-SCHEDULE][-query-agnostic]."""
-    parts = [name] + ([budget] if budget else []) + ([args.schedule] if args.schedule and policy.evicts else [])
+    parts = [policy.name] + ([budget] if budget else []) + ([args.schedule] if args.schedule and policy.evicts else [])
     return "-".join(parts + (["query-agnostic"] if args.question_after_compression else []))
 
 
 def build_policy(args: argparse.Namespace, policy: str, budget: str | None):
     n_up = args.n_up if args.n_up is not None and accepts(policy, n_up=args.n_up) else None
     options = argparse.Namespace(policy=policy, budget=budget, n_up=n_up, schedule=args.schedule,
-                                 checkpoint=args.checkpoint if policy == "namm" else None)
+                                 checkpoint=args.checkpoint if policy == "namm" else None,
+                                 less=args.less if policy != "full" else None)
     return policy_from_args(options)
 
 
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         matched_to = args.match_cache if budget == MATCHED else None
         budget = matched[task] if matched_to else budget
         policy = build_policy(args, policy_name, budget)
-        run_dir = out / "runs" / task / run_name(args, policy, policy_name, budget)
+        run_dir = out / "runs" / task / run_name(args, policy, budget)
         metrics = evaluate(model, tokenizer, policy, samples, out_dir=run_dir, batch_size=args.batch_size,
                            progress=show_progress(args), task=task, model_name=args.model,
                            extra={"budget": budget, "matched_to": matched_to, "length": args.length, "seed": args.seed,

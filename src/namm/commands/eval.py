@@ -214,20 +214,27 @@ def run_perplexity(model, tokenizer, policy, args: argparse.Namespace, out: Path
     return metrics
 
 
+def memory_line(metrics: dict) -> str:
+    """KV peak, LESS state and their total as a fraction of the full cache."""
+    return (f"memory: KV peak {metrics['kv_bytes_peak'] / 2**20:.2f} MiB + LESS state "
+            f"{metrics['less_state_bytes'] / 2**10:.1f} KiB of {metrics['kv_bytes_full_peak'] / 2**20:.2f} MiB full "
+            f"(peak memory fraction {metrics['memory_fraction_peak']:.4f})")
+
+
 def summary(metrics: dict, out: Path) -> str:
     """One readable paragraph of the main numbers."""
     head = f"{metrics['task']} · {metrics['policy']} on {metrics['model']}"
     if metrics["task"] == PERPLEXITY:
         return (f"{head}: perplexity {metrics['perplexity']:.3f} over {metrics['n']} sequences "
                 f"({metrics['tokens']} tokens scored), cache fraction {metrics['cache_fraction']:.3f}\n"
-                f"wrote {out / 'metrics.json'}")
+                f"{memory_line(metrics)}\nwrote {out / 'metrics.json'}")
     low, high = metrics["score_ci"]
     lines = [f"{head} ({metrics['protocol']}): score {metrics['score']:.1f} [95% CI {low:.1f}, {high:.1f}] "
              f"(n={metrics['n']})"]
     if metrics.get("normalized_score") is not None:
         lines.append(f"normalised score {metrics['normalized_score']:.1f}% of full cache ({metrics['reference_score']:.1f})")
-    lines.append(f"KV fraction {metrics['kv_fraction']:.3f} (peak {metrics['kv_fraction_peak']:.3f}), KV peak "
-                 f"{metrics['kv_bytes_peak'] / 2**20:.1f} MiB of {metrics['kv_bytes_full_peak'] / 2**20:.1f} MiB full")
+    lines.append(f"KV fraction {metrics['kv_fraction']:.3f} (peak {metrics['kv_fraction_peak']:.3f}); "
+                 + memory_line(metrics))
     lines.append(f"prefill {metrics['prefill_tokens_per_s']:.0f} tok/s, decode {metrics['decode_tokens_per_s']:.1f} tok/s, "
                  f"wall {metrics['wall_s']:.1f} s")
     lines.append(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'}")

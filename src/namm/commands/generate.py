@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
                         seed=args.seed, stop=args.stop, progress=not args.json and show_progress(args))
     if args.json:
         schedule = policy.schedule if policy.evicts else None
-        print(json.dumps({"model": args.model, "policy": args.policy, "schedule": schedule, **out.to_dict()}))
+        print(json.dumps({"model": args.model, "policy": args.policy, "less": args.less, "schedule": schedule,
+                          **out.to_dict()}))
         return 0
     print(report(out, args.policy))
     return 0
@@ -78,6 +79,7 @@ def report(out, policy: str) -> str:
         f"mean cache fraction: {out.cache_fraction:.3f}",
         f"KV memory: {out.kv_bytes / 2**20:.1f} MiB held vs {out.kv_bytes_full / 2**20:.1f} MiB full cache "
         f"({saved:.0%} saved; peak {out.kv_bytes_peak / 2**20:.1f} MiB)",
+        f"LESS state: {out.less_state_bytes / 2**10:.1f} KiB; KV + LESS = {out.memory_fraction:.1%} of the full cache",
         f"time: prefill {out.prefill_seconds:.1f} s, decode {out.decode_seconds:.1f} s",
     ]
     return "\n".join(lines)

@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument("--hidden", type=int, default=512, help="hidden width of the φ/ψ MLPs (default 512)")
     p.add_argument("--rank", type=int, default=8, help="rank R of the state (default 8)")
+    p.add_argument("--layers-per-pass", type=int, default=None,
+                   help="layers fitted together in one batched pass (default: all; fewer to save memory)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run)
 
@@ -47,14 +49,18 @@ def run(args: argparse.Namespace) -> int:
     policy = policy_from_args(args)
     config = TrainConfig(sequences=args.sequences, seq_len=args.seq_len, queries_per_seq=args.queries,
                          steps=args.steps, batch_sequences=args.batch, lr=args.lr, hidden=args.hidden, rank=args.rank,
-                         seed=args.seed)
+                         seed=args.seed, layers_per_pass=args.layers_per_pass)
     config.check(policy.n_up)
     out = writable_dir(args.out)
     model, tokenizer = load_model_from_args(args)
-    provenance = {"model": args.model, "policy": args.policy, "budget": args.budget, "n_up": policy.n_up}
+    provenance = {"model": args.model, "policy": args.policy, "budget": args.budget, "checkpoint": args.checkpoint,
+                  "n_up": args.n_up}
     path = train_less(model, tokenizer, policy, out, config, provenance, progress=show_progress(args))
-    layers = json.loads(path.with_suffix(".json").read_text())["provenance"]["layers"]
-    closed = [v["gap_closed"] for v in layers.values() if "gap_closed" in v]
+    record = json.loads(path.with_suffix(".json").read_text())["provenance"]
+    closed = [v["gap_closed"] for v in record["layers"].values() if "gap_closed" in v]
     mean = sum(closed) / len(closed) if closed else 0.0
-    print(f"wrote {path} ({len(closed)} layers trained; mean share of the attention-output MSE removed: {mean:.1%})")
+    speed = record.get("sequences_per_minute")
+    rate = f"; {speed:.2f} sequences per minute" if speed else ""
+    print(f"wrote {path} ({len(closed)} layers trained; mean share of the attention-output MSE removed: {mean:.1%}"
+          f"{rate})")
     return 0

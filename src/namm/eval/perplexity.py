@@ -39,7 +39,9 @@ def evaluate_perplexity(model, tokens: Tensor, policy: MemoryPolicy, chunk_size:
                         progress: bool = False) -> dict:
     """Score ``tokens`` (1-D) with ``policy`` active. Returns ``perplexity``, ``nll`` (mean, nats),
     ``tokens`` (scored), ``cache_fraction`` (mean over layers of retained / seen at the end),
-    ``kv_bytes_peak``, ``kv_bytes_full_peak``, ``wall_s`` and, for LESS, ``less_state_bytes``."""
+    ``kv_bytes_peak``, ``kv_bytes_full_peak``, ``less_state_bytes`` (the policy's memory beside
+    the KV cache, 0 without LESS), ``memory_fraction_peak`` ((KV peak + LESS state) / full-cache KV
+    bytes) and ``wall_s``."""
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     if len(tokens) < 2:
         raise ValueError("perplexity needs at least 2 tokens")
@@ -63,16 +65,14 @@ def evaluate_perplexity(model, tokens: Tensor, policy: MemoryPolicy, chunk_size:
     nll = float(total) / scored
     counts = runner.cache.token_counts()[:, 0].float()
     kv_full = int(runner.kv_bytes_full()[0])
-    out = {
+    kv_peak = int(torch.maximum(runner.kv_bytes_peak, runner.kv_bytes())[0])
+    state = policy.state_nbytes()
+    return {
         "perplexity": math.exp(nll), "nll": nll, "tokens": scored,
         "cache_fraction": float(counts.mean()) / len(tokens),
-        "kv_bytes_peak": int(torch.maximum(runner.kv_bytes_peak, runner.kv_bytes())[0]),
-        "kv_bytes_full_peak": kv_full, "wall_s": time.perf_counter() - start,
+        "kv_bytes_peak": kv_peak, "kv_bytes_full_peak": kv_full, "less_state_bytes": state,
+        "memory_fraction_peak": (kv_peak + state) / kv_full, "wall_s": time.perf_counter() - start,
     }
-    state_nbytes = getattr(policy, "state_nbytes", None)
-    if state_nbytes is not None:
-        out["less_state_bytes"] = state_nbytes()
-    return out
 
 
 def evaluate_perplexity_over(model, sequences: list[Tensor], policy: MemoryPolicy, chunk_size: int = 128,
@@ -86,14 +86,13 @@ def evaluate_perplexity_over(model, sequences: list[Tensor], policy: MemoryPolic
     each = [evaluate_perplexity(model, tokens, policy, chunk_size, progress) for tokens in sequences]
     tokens = sum(r["tokens"] for r in each)
     nll = sum(r["nll"] * r["tokens"] for r in each) / tokens
-    out = {
+    return {
         "n": len(each), "perplexity": math.exp(nll), "nll": nll, "tokens": tokens,
         "cache_fraction": sum(r["cache_fraction"] for r in each) / len(each),
         "kv_bytes_peak": max(r["kv_bytes_peak"] for r in each),
         "kv_bytes_full_peak": max(r["kv_bytes_full_peak"] for r in each),
+        "less_state_bytes": max(r["less_state_bytes"] for r in each),
+        "memory_fraction_peak": max(r["memory_fraction_peak"] for r in each),
         "wall_s": sum(r["wall_s"] for r in each),
         "sequences": [{"perplexity": r["perplexity"], "nll": r["nll"], "tokens": r["tokens"]} for r in each],
     }
-    if "less_state_bytes" in each[0]:
-        out["less_state_bytes"] = each[0]["less_state_bytes"]
-    return out

@@ -75,17 +75,17 @@ def _score_cell(row: dict) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """A markdown table of comparison rows (task, policy, budget, schedule, protocol, n, score with
-    its 95% interval, normalized_score, kv_fraction, kv_fraction_peak, kv_bytes_peak_mean,
-    prefill/decode tokens per second)."""
+    its 95% interval, normalized_score, kv_fraction, kv_fraction_peak, memory_fraction (KV + LESS
+    state), kv_bytes_peak_mean, prefill/decode tokens per second)."""
     header = ("| task | policy | budget | schedule | protocol | n | score [95% CI] | normalised | KV fraction "
-              "| KV fraction peak | KV MiB peak | prefill tok/s | decode tok/s |")
+              "| KV fraction peak | KV + LESS fraction | KV MiB peak | prefill tok/s | decode tok/s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['policy']} | {_budget_cell(r)} | {r.get('schedule') or '–'} "
             f"| {r.get('protocol') or '–'} | {r['n']} | {_score_cell(r)} | {_fmt(r.get('normalized_score'))} "
             f"| {_fmt(r['kv_fraction'], 3)} | {_fmt(r['kv_fraction_peak'], 3)} "
-            f"| {_fmt(r['kv_bytes_peak_mean'] / 2**20, 1)} | {_fmt(r['prefill_tokens_per_s'], 0)} "
+            f"| {_fmt(r.get('memory_fraction', r['kv_fraction']), 3)} | {_fmt(r['kv_bytes_peak_mean'] / 2**20, 1)} | {_fmt(r['prefill_tokens_per_s'], 0)} "
             f"| {_fmt(r['decode_tokens_per_s'], 1)} |")
     return "\n".join(lines)
 
@@ -111,6 +111,7 @@ def mean_rows(rows: list[dict]) -> list[dict]:
             "score_ci": bootstrap_interval([r["sample_scores"] for r in rs]) if scored else None,
             "normalized_score": sum(norms) / len(norms) if norms else None,
             "cache_fraction": mean("cache_fraction"), "kv_fraction": mean("kv_fraction"),
+            "memory_fraction": sum(r.get("memory_fraction", r["kv_fraction"]) for r in rs) / len(rs),
             "kv_fraction_peak": max(r["kv_fraction_peak"] for r in rs),
             "kv_bytes_peak_mean": mean("kv_bytes_peak_mean"),
             "prefill_tokens_per_s": mean("prefill_tokens_per_s"), "decode_tokens_per_s": mean("decode_tokens_per_s"),

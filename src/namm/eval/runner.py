@@ -112,12 +112,13 @@ def _batches(samples: list[Sample], size: int) -> Iterable[list[Sample]]:
         yield batch
 
 
-def compressed_fraction(out: GenerationOutput) -> float:
-    """Mean KV bytes / full-cache KV bytes right after each compression of one generation (the
-    quantity a budget bounds); the fraction held at the end when nothing was compressed."""
+def compressed_fraction(out: GenerationOutput, extra_bytes: int = 0) -> float:
+    """Mean (KV bytes + ``extra_bytes``) / full-cache KV bytes right after each compression of one
+    generation (without extra bytes: the quantity a budget bounds); the fraction held at the end
+    when nothing was compressed."""
     if not out.history:
-        return out.kv_bytes / out.kv_bytes_full
-    return sum(h.kv_bytes / h.kv_bytes_full for h in out.history) / len(out.history)
+        return (out.kv_bytes + extra_bytes) / out.kv_bytes_full
+    return sum((h.kv_bytes + extra_bytes) / h.kv_bytes_full for h in out.history) / len(out.history)
 
 
 def _run_batch(model, tokenizer, policy: MemoryPolicy, batch: list[Sample], agnostic: bool) -> list[dict]:
@@ -141,6 +142,8 @@ def _run_batch(model, tokenizer, policy: MemoryPolicy, batch: list[Sample], agno
             "cache_fraction": o.cache_fraction, "cache_tokens_per_layer": o.cache_tokens_per_layer,
             "kv_bytes_peak": o.kv_bytes_peak, "kv_bytes_full_peak": o.kv_bytes_full_peak,
             "kv_fraction": compressed_fraction(o), "kv_fraction_peak": o.kv_bytes_peak / o.kv_bytes_full_peak,
+            "less_state_bytes": o.less_state_bytes, "memory_fraction": compressed_fraction(o, o.less_state_bytes),
+            "memory_fraction_peak": (o.kv_bytes_peak + o.less_state_bytes) / o.kv_bytes_full_peak,
             "prefill_s": o.prefill_seconds * share, "decode_s": o.decode_seconds * len(o.token_ids) / new_total,
             "wall_s": wall * share,
         })
@@ -151,7 +154,9 @@ def aggregate(rows: list[dict]) -> dict:
     """The metrics.json numbers of a list of prediction rows: ``score_ci`` is the bootstrap 95%
     interval of the score; ``kv_fraction`` the mean over samples of :func:`compressed_fraction`
     (the memory a budget sets), ``kv_fraction_peak`` the largest peak KV bytes / full-cache KV
-    bytes (at the end) of any sample."""
+    bytes (at the end) of any sample; ``less_state_bytes`` the largest LESS state of a sample and
+    ``memory_fraction`` / ``memory_fraction_peak`` the same fractions with it counted (rows
+    written before LESS state was recorded count none)."""
     n = len(rows)
     if n == 0:
         raise ValueError("no finished samples to aggregate")
@@ -164,6 +169,9 @@ def aggregate(rows: list[dict]) -> dict:
         "cache_fraction": sum(r["cache_fraction"] for r in rows) / n,
         "kv_fraction": sum(r["kv_fraction"] for r in rows) / n,
         "kv_fraction_peak": max(r["kv_fraction_peak"] for r in rows),
+        "less_state_bytes": max(r.get("less_state_bytes", 0) for r in rows),
+        "memory_fraction": sum(r.get("memory_fraction", r["kv_fraction"]) for r in rows) / n,
+        "memory_fraction_peak": max(r.get("memory_fraction_peak", r["kv_fraction_peak"]) for r in rows),
         "kv_bytes_peak": max(r["kv_bytes_peak"] for r in rows),
         "kv_bytes_full_peak": max(r["kv_bytes_full_peak"] for r in rows),
         "kv_bytes_peak_mean": sum(r["kv_bytes_peak"] for r in rows) / n,

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from namm.less.kernels import KernelConfig, LessKernels
 
@@ -65,13 +68,32 @@ def read_metadata(path_or_name: str | Path) -> dict:
     return meta
 
 
+def check_tensors(expected: dict[str, Tensor], found: dict[str, Tensor]) -> None:
+    """A one-line ValueError naming the first missing, unexpected, misshapen or non-finite tensor."""
+    missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing or extra:
+        raise ValueError(f"tensors {'missing: ' + missing[0] if missing else 'not expected: ' + extra[0]}"
+                         f" ({len(missing)} missing, {len(extra)} not expected)")
+    for name, tensor in expected.items():
+        if found[name].shape != tensor.shape:
+            raise ValueError(f"tensor {name} has shape {tuple(found[name].shape)}, the config asks for "
+                             f"{tuple(tensor.shape)}")
+        if not bool(torch.isfinite(found[name]).all()):
+            raise ValueError(f"tensor {name} holds NaN or infinite values")
+
+
 def load_less_kernels(path_or_name: str | Path) -> LessKernels:
-    """Load LESS kernels by shipped name or path."""
+    """Load LESS kernels by shipped name or path (a one-line ValueError when the files are bad)."""
     path = resolve(path_or_name)
     meta = read_metadata(path)
     try:
         kernels = LessKernels(KernelConfig(**meta["config"]))
-        kernels.load_state_dict(load_file(str(path)))
     except (TypeError, RuntimeError) as err:
+        raise ValueError(f"malformed LESS checkpoint metadata {path.with_suffix('.json')}: {err}") from None
+    try:
+        tensors = load_file(str(path))
+        check_tensors(kernels.state_dict(), tensors)
+    except (SafetensorError, ValueError) as err:
         raise ValueError(f"malformed LESS checkpoint {path}: {err}") from None
+    kernels.load_state_dict(tensors)
     return kernels.eval()

@@ -52,7 +52,13 @@ class HeadMLP(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(heads, 1, rank))
 
     def forward(self, x: Tensor) -> Tensor:
-        return (F.gelu(x @ self.w1 + self.b1) @ self.w2 + self.b2).abs()
+        return head_mlp(x, self.w1, self.b1, self.w2, self.b2)
+
+
+def head_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    """The per-head MLP of :class:`HeadMLP` from its weights; leading dims of ``x`` and of the weights
+    broadcast (training stacks the weights of several layers: (L, heads, d, hidden))."""
+    return (F.gelu(x @ w1 + b1) @ w2 + b2).abs()
 
 
 class LayerKernels(nn.Module):

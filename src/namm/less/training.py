@@ -1,20 +1,20 @@
-"""Train LESS kernels layer by layer by gradient descent on a frozen model.
+"""Train LESS kernels by gradient descent on a frozen model, many layers at once.
 
-1. **Capture** (once per training sequence, cached on disk): run the model with the eviction
-   policy and record every layer's queries, keys and values (after RoPE) through the runtime's
-   attention hook, and, per layer and KV head, which tokens each memory update evicted. For a
-   random subset of the query positions past the first update, store the exact attention over
-   the kept keys (output and log-sum-exp) and over all keys (the target: the full-cache output
-   for the same layer input).
-2. **Fit** each layer alone: the loss is the MSE, after ``o_proj``, between the LESS output
-   (kept keys + low-rank memory of the evicted ones) and the full-cache output. Minibatches of
-   sequences, Adam; each finished layer is saved, so an interrupted run resumes where it stopped.
+1. **Capture** (once per training sequence, cached on disk, see :mod:`namm.less.capture`): the
+   queries, keys, values and eviction times of every layer under the eviction policy, and the
+   full-cache targets of a sample of query positions.
+2. **Fit**: the loss of a layer is the MSE, after ``o_proj``, between the LESS output (kept keys +
+   low-rank memory of the evicted ones) and the full-cache output. The layers of a pass (all of
+   them unless ``layers_per_pass`` says otherwise) are fitted together: their weights are stacked
+   along a layer axis and one batched forward computes every layer's loss, so a step costs a few
+   large tensor operations instead of one small loop per layer and sequence. Layers do not share
+   parameters, so the summed loss trains each exactly as alone. Minibatches of sequences, Adam,
+   on the model's device; each finished pass is saved, so an interrupted run resumes there.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,16 +25,19 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from namm.less.capture import attention_modules, capture_sequence
 from namm.less.checkpoint import save_less_kernels
-from namm.less.kernels import KernelConfig, LayerKernels, LessKernels, mix_low_rank, sparse_attention
-from namm.memory.driver import MemoryRunner, memory_attention_enabled
-from namm.policies.base import LayerView, MemoryPolicy
-from namm.policies.wrapped import WrappedPolicy
+from namm.less.kernels import KernelConfig, LayerKernels, LessKernels, head_mlp, mix_low_rank
+from namm.policies.base import MemoryPolicy
+
+DATA_FORMAT = 2  # version of the captured data in OUT/data (2: eviction times instead of masks)
+FIELDS = ("q", "k", "v", "evict_at", "interval", "sparse", "lse", "target")
+LOG_SCALE_GRID = range(-21, 10, 3)  # coarse search of φ's log-scale before Adam
 
 
 @dataclass
 class TrainConfig:
-    """Sizes of a LESS training run (defaults: 16 sequences of 2048 tokens)."""
+    """Sizes of a LESS training run (defaults: 16 sequences of 2048 tokens, all layers per pass)."""
 
     sequences: int = 16
     seq_len: int = 2048
@@ -45,209 +48,193 @@ class TrainConfig:
     hidden: int = 512
     rank: int = 8
     seed: int = 0
+    layers_per_pass: int | None = None
 
-    def check(self, n_up: int) -> None:
-        if self.seq_len <= n_up:
+    def check(self, n_up: int | None) -> None:
+        """ValueError on impossible sizes (``n_up`` None: not known before the policy is bound)."""
+        if n_up is not None and self.seq_len <= n_up:
             raise ValueError(f"seq_len ({self.seq_len}) must exceed the policy's n_up ({n_up}) so that tokens are evicted")
         for name in ("sequences", "queries_per_seq", "steps", "batch_sequences", "hidden", "rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.layers_per_pass is not None and self.layers_per_pass < 1:
+            raise ValueError("layers_per_pass must be >= 1")
         if not self.lr > 0:
             raise ValueError("lr must be > 0")
 
 
-class _Recorder(WrappedPolicy):
-    """Run ``inner`` and record, per layer, every query, key and value (after RoPE) through the
-    attention hook and, at every update, the (H, T) mask of the tokens evicted so far."""
-
-    def __init__(self, inner: MemoryPolicy, num_layers: int, length: int):
-        super().__init__(inner)
-        self.length = length
-        self.qkv: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(num_layers)]
-        self.updates: list[list[int]] = [[] for _ in range(num_layers)]
-        self.evicted: list[list[Tensor]] = [[] for _ in range(num_layers)]
-
-    def attend(self, layer_idx, query, key, value, visible, scaling):
-        Q = query.shape[2]  # one row, no padding: the step's keys are the last Q slots
-        self.qkv[layer_idx].append((query[0].cpu(), key[0, :, -Q:].cpu(), value[0, :, -Q:].cpu()))  # trained on the CPU
-        return None
-
-    def select(self, view: LayerView) -> Tensor:
-        keep = super().select(view)
-        layer = view.layer_idx
-        gone = self.evicted[layer][-1].clone() if self.evicted[layer] else torch.zeros(
-            view.keys.shape[1], self.length, dtype=torch.bool)
-        heads, slots = (view.valid & ~keep)[0].nonzero(as_tuple=True)
-        gone[heads.cpu(), view.positions[0, heads, slots].cpu()] = True
-        self.updates[layer].append(int(view.tokens_seen[0]))
-        self.evicted[layer].append(gone)
-        return keep
+def stack_layers(layers: list[LayerKernels], device: torch.device) -> dict[str, Tensor]:
+    """The float32 weights of ``layers`` stacked along a new first (layer) axis, as trainable leaves."""
+    states = [layer.state_dict() for layer in layers]
+    return {name: torch.stack([s[name] for s in states]).float().to(device).requires_grad_(True) for name in states[0]}
 
 
-def attention_modules(model) -> list[torch.nn.Module]:
-    """The attention module of every layer (the ones holding ``o_proj``), in layer order."""
-    found = sorted((m for m in model.modules() if hasattr(m, "o_proj") and hasattr(m, "layer_idx")),
-                   key=lambda m: m.layer_idx)
-    if len(found) != model.config.get_text_config().num_hidden_layers:
-        raise ValueError("LESS training needs attention modules with an `o_proj` and a `layer_idx` in every layer")
-    return found
+def unstack_layers(params: dict[str, Tensor], layers: list[LayerKernels]) -> None:
+    """Copy stacked weights back into ``layers`` (on the CPU)."""
+    for i, layer in enumerate(layers):
+        layer.load_state_dict({name: p[i].detach().cpu() for name, p in params.items()})
 
 
-@torch.inference_mode()
-def capture_sequence(model, tokens: Tensor, policy: MemoryPolicy, queries_per_seq: int,
-                     gen: torch.Generator) -> dict[str, Tensor]:
-    """Training tensors of one sequence for every full-attention layer (see the module docstring)."""
-    num_layers = model.config.get_text_config().num_hidden_layers
-    T = len(tokens)
-    record = _Recorder(policy, num_layers, T)
-    with memory_attention_enabled(model):
-        runner = MemoryRunner(model, record, 1)
-        runner.feed([tokens])
-    out: dict[str, Tensor] = {}
-    for layer_idx, cache_layer in enumerate(runner.cache.layers):
-        updates = [u for u in record.updates[layer_idx] if u < T]
-        if cache_layer.sliding_window is not None or not updates:
-            continue
-        q, k, v = (torch.cat(parts, dim=1).float() for parts in zip(*record.qkv[layer_idx]))  # (H or Hq, T, D)
-        evicted = torch.stack(record.evicted[layer_idx][:len(updates)])  # (U, H, T)
-        pool = torch.arange(updates[0], T)
-        t = pool[torch.randperm(len(pool), generator=gen)[:queries_per_seq]].sort().values
-        interval = torch.searchsorted(torch.tensor(updates), t, right=True) - 1
-        Hq, H = q.shape[0], k.shape[0]
-        causal = torch.arange(T)[None, :] <= t[:, None]  # (Nq, T)
-        qs = q[:, t][None]
-        target, _ = sparse_attention(qs, k[None], v[None], causal[None, None], cache_layer.scaling)
-        kept = causal[:, None, :] & ~evicted[interval]  # (Nq, H, T)
-        visible = kept.permute(1, 0, 2).repeat_interleave(Hq // H, dim=0)[None]
-        sparse, lse = sparse_attention(qs, k[None], v[None], visible, cache_layer.scaling)
-        cut = updates[-1]
-        out.update({
-            f"{layer_idx}.q": qs[0].contiguous(), f"{layer_idx}.k": k[:, :cut].contiguous(),
-            f"{layer_idx}.v": v[:, :cut].contiguous(), f"{layer_idx}.evicted": evicted[:, :, :cut].contiguous(),
-            f"{layer_idx}.interval": interval, f"{layer_idx}.sparse": sparse[0].contiguous(),
-            f"{layer_idx}.lse": lse[0].contiguous(), f"{layer_idx}.target": target[0].contiguous(),
-        })
-    return out
+def _mlp(params: dict[str, Tensor], which: str, x: Tensor) -> Tensor:
+    return head_mlp(x, *(params[f"{which}.{w}"] for w in ("w1", "b1", "w2", "b2")))
 
 
-def layer_loss(kernels: LayerKernels, ex: dict[str, Tensor], o_proj: Tensor, use_less: bool = True) -> Tensor:
-    """MSE after ``o_proj`` between LESS (or, without ``use_less``, the policy alone) and the full cache."""
-    sparse, target = ex["sparse"], ex["target"]  # (H, G, Nq, D)
-    H, G, Nq, D = sparse.shape
+def group_loss(params: dict[str, Tensor], batch: dict[str, Tensor], o_proj: Tensor, use_less: bool = True) -> Tensor:
+    """(L,) per-layer MSE after ``o_proj`` (L, hidden, Hq·D) between LESS (or, without ``use_less``,
+    the policy alone) and the full cache, over a batch of S sequences and L layers: ``q`` (S, L, Hq,
+    Nq, D), ``k``/``v`` (S, L, H, T, D), ``evict_at`` (S, L, H, T), ``interval`` (S, L, Nq), ``sparse``
+    and ``target`` (S, L, H, G, Nq, D), ``lse`` (S, L, H, G, Nq)."""
+    sparse, target = batch["sparse"], batch["target"]
+    S, L, H, G, Nq, D = sparse.shape
     out = sparse
     if use_less:
-        evicted = ex["evicted"].float()  # (U, H, T)
-        psi = kernels.psi(ex["k"])  # (H, T, R)
-        state_h = torch.einsum("uht,htr,htd->uhrd", evicted, psi, ex["v"])[ex["interval"]]  # (Nq, H, R, D)
-        state_z = torch.einsum("uht,htr->uhr", evicted, psi)[ex["interval"]]
-        phi = kernels.phi(ex["q"]).view(H, G, Nq, 1, -1).permute(2, 0, 1, 3, 4)  # (Nq, H, G, 1, R)
-        mixed = mix_low_rank(sparse.permute(2, 0, 1, 3).unsqueeze(3), ex["lse"].permute(2, 0, 1).unsqueeze(3), phi,
-                             kernels.log_scale.view(H, G), state_h, state_z)
-        out = mixed.squeeze(3).permute(1, 2, 0, 3)
-    diff = (out - target).permute(2, 0, 1, 3).reshape(Nq, H * G * D) @ o_proj.T
-    return diff.pow(2).mean()
+        U = int(batch["interval"].max()) + 1
+        evicted = (batch["evict_at"].unsqueeze(2) <= torch.arange(U, device=sparse.device).view(U, 1, 1)).float()
+        psi = _mlp(params, "psi", batch["k"])  # (S, L, H, T, R)
+        R = psi.shape[-1]
+        state_h = torch.einsum("sluht,slhtr,slhtd->sluhrd", evicted, psi, batch["v"])  # state after each update
+        state_z = torch.einsum("sluht,slhtr->sluhr", evicted, psi)
+        at = batch["interval"].long()[..., None, None]  # (S, L, Nq, 1, 1): each query's last update
+        state_h = state_h.gather(2, at[..., None].expand(S, L, Nq, H, R, D))
+        state_z = state_z.gather(2, at.expand(S, L, Nq, H, R))
+        phi = _mlp(params, "phi", batch["q"]).view(S, L, H, G, Nq, 1, R).permute(0, 1, 4, 2, 3, 5, 6)
+        mixed = mix_low_rank(sparse.permute(0, 1, 4, 2, 3, 5).unsqueeze(-2),
+                             batch["lse"].permute(0, 1, 4, 2, 3).unsqueeze(-1), phi,
+                             params["log_scale"].view(L, 1, H, G), state_h, state_z)  # (S, L, Nq, H, G, 1, D)
+        out = mixed.squeeze(-2).permute(0, 1, 3, 4, 2, 5)
+    diff = (out - target).permute(0, 1, 4, 2, 3, 5).reshape(S, L, Nq, H * G * D)
+    return torch.einsum("slnk,lmk->slnm", diff, o_proj).pow(2).mean(dim=(0, 2, 3))
 
 
-def _examples(files: list[Path], layer_idx: int) -> list[dict[str, Tensor]]:
-    out = []
+def load_group(files: list[Path], layers: list[int], device: torch.device) -> dict[str, Tensor]:
+    """The captured tensors of ``layers`` from every sequence file, stacked (S, L, ...) on ``device``."""
+    per_file = []
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            if f"{layer_idx}.q" not in f.keys():
-                return []
-            ex = {name: f.get_tensor(f"{layer_idx}.{name}")
-                  for name in ("q", "k", "v", "evicted", "interval", "sparse", "lse", "target")}
-        Hq, Nq, D = ex["q"].shape
-        H = ex["k"].shape[0]
-        ex["sparse"] = ex["sparse"].view(H, Hq // H, Nq, D)
-        ex["lse"] = ex["lse"].view(H, Hq // H, Nq)
-        ex["target"] = ex["target"].view(H, Hq // H, Nq, D)
-        out.append(ex)
-    return out
+            per_file.append({name: torch.stack([f.get_tensor(f"{layer}.{name}") for layer in layers])
+                             for name in FIELDS})
+    try:
+        return {name: torch.stack([d[name] for d in per_file]).to(device) for name in FIELDS}
+    except RuntimeError as err:
+        raise ValueError(f"captured sequences differ in shape (the policy must update at the same points in "
+                         f"every sequence): {err}") from None
 
 
-def _mean_loss(kernels: LayerKernels, examples, o_proj: Tensor, use_less: bool = True) -> float:
+def _mean_loss(params: dict[str, Tensor], data: dict[str, Tensor], o_proj: Tensor, batch: int,
+               use_less: bool = True) -> Tensor:
+    """(L,) per-layer loss averaged over every sequence of ``data``, ``batch`` sequences at a time."""
+    S = data["q"].shape[0]
     with torch.no_grad():
-        return sum(float(layer_loss(kernels, ex, o_proj, use_less)) for ex in examples) / len(examples)
+        parts = [group_loss(params, {k: v[i:i + batch] for k, v in data.items()}, o_proj, use_less)
+                 * min(batch, S - i) for i in range(0, S, batch)]
+    return torch.stack(parts).sum(0) / S
 
 
-def fit_layer(kernels: LayerKernels, examples: list[dict[str, Tensor]], o_proj: Tensor, config: TrainConfig,
-              progress: bool = True, desc: str = "") -> dict:
-    """Fit one layer's kernels: a coarse search of φ's log-scale, then Adam. Returns the losses."""
+def fit_group(params: dict[str, Tensor], data: dict[str, Tensor], o_proj: Tensor, config: TrainConfig,
+              progress: bool = True, desc: str = "") -> list[dict]:
+    """Fit a stack of layers: a coarse search of each layer's log-scale, then Adam on the summed loss.
+    Returns each layer's losses (policy alone, LESS, share of the error removed)."""
     gen = torch.Generator().manual_seed(config.seed)
-    policy_loss = _mean_loss(kernels, examples, o_proj, use_less=False)
-    probe = examples[:2]
-    best = (math.inf, 0.0)
-    for s in range(-21, 10, 3):
-        with torch.no_grad():
-            kernels.log_scale.fill_(float(s))
-        best = min(best, (_mean_loss(kernels, probe, o_proj), float(s)))
+    S = data["q"].shape[0]
+    policy_loss = _mean_loss(params, data, o_proj, config.batch_sequences, use_less=False)
+    probe = {k: v[:2] for k, v in data.items()}
+    grid = torch.tensor(list(LOG_SCALE_GRID), dtype=torch.float32)
     with torch.no_grad():
-        kernels.log_scale.fill_(best[1])
-    optimizer = torch.optim.Adam(kernels.parameters(), lr=config.lr)
+        scores = []
+        for s in grid.tolist():
+            params["log_scale"].fill_(s)
+            scores.append(_mean_loss(params, probe, o_proj, config.batch_sequences))
+        best = grid.to(o_proj.device)[torch.stack(scores).argmin(0)]  # (L,)
+        params["log_scale"].copy_(best[:, None].expand_as(params["log_scale"]))
+    optimizer = torch.optim.Adam(params.values(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
     bar = tqdm(range(config.steps), desc=desc, leave=False, disable=not progress)
     for _ in bar:
-        pick = torch.randperm(len(examples), generator=gen)[: config.batch_sequences]
-        loss = sum(layer_loss(kernels, examples[i], o_proj) for i in pick.tolist()) / len(pick)
+        pick = torch.randperm(S, generator=gen)[: config.batch_sequences].to(o_proj.device)
+        loss = group_loss(params, {k: v.index_select(0, pick) for k, v in data.items()}, o_proj).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
-        bar.set_postfix(loss=f"{float(loss.detach()):.3g}", policy=f"{policy_loss:.3g}")
-    less_loss = _mean_loss(kernels, examples, o_proj)
-    return {"policy_mse": policy_loss, "less_mse": less_loss,
-            "gap_closed": 1 - less_loss / policy_loss if policy_loss > 0 else 0.0}
+        bar.set_postfix(loss=f"{float(loss.detach()):.3g}")
+    less_loss = _mean_loss(params, data, o_proj, config.batch_sequences)
+    return [{"policy_mse": float(p), "less_mse": float(q), "gap_closed": float(1 - q / p) if p > 0 else 0.0}
+            for p, q in zip(policy_loss, less_loss)]
+
+
+def capture_all(model, tokenizer, policy: MemoryPolicy, data_dir: Path, config: TrainConfig,
+                progress: bool = True) -> tuple[list[Path], int]:
+    """Capture every training sequence into ``data_dir`` (sequences already there are reused).
+    Returns the files and how many were captured now. Training text is the offline corpus's
+    ``train`` split, never the held-out one."""
+    from namm.tasks.corpus import corpus_tokens
+
+    tokens = corpus_tokens(tokenizer, config.sequences * config.seq_len, split="train", seed=config.seed)
+    files, fresh = [], 0
+    for i in tqdm(range(config.sequences), desc="capture", disable=not progress):
+        file = data_dir / f"seq_{i:04d}.safetensors"
+        files.append(file)
+        if file.is_file():
+            continue
+        seq = tokens[i * config.seq_len:(i + 1) * config.seq_len].to(model.device)
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + i)
+        tensors = capture_sequence(model, seq, policy, config.queries_per_seq, gen)
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(file.with_suffix(".partial")))
+        file.with_suffix(".partial").replace(file)
+        fresh += 1
+    return files, fresh
 
 
 def train_less(model, tokenizer, policy: MemoryPolicy, out_dir: str | Path, config: TrainConfig,
                provenance: dict | None = None, progress: bool = True) -> Path:
-    """Capture (or reuse) training data in ``out_dir/data``, fit every layer (resuming from
-    ``out_dir/layers``) and write ``out_dir/less.safetensors`` + ``less.json``. Training text is the
-    offline corpus's ``train`` split, never the held-out one."""
-    from namm.tasks.corpus import corpus_tokens
-
-    config.check(policy.n_up)
+    """Capture (or reuse) training data in ``out_dir/data``, fit the layers pass by pass (resuming
+    from ``out_dir/layers``) on the model's device and write ``out_dir/less.safetensors`` +
+    ``less.json``. The provenance records the time taken and the sequences per minute of this run."""
     out_dir = Path(out_dir)
     (out_dir / "data").mkdir(parents=True, exist_ok=True)
     (out_dir / "layers").mkdir(parents=True, exist_ok=True)
     model.requires_grad_(False)
+    policy.bind(model)  # resolves defaults that depend on the model (e.g. the shipped NAMM's n_up)
+    config.check(policy.n_up)
     kernels = LessKernels(KernelConfig.for_model(model, config.hidden, config.rank), seed=config.seed)
-    settings = {"train": asdict(config), "kernels": kernels.config.to_dict(), **(provenance or {})}
+    settings = {"train": asdict(config), "kernels": kernels.config.to_dict(), "data_format": DATA_FORMAT,
+                **(provenance or {})}
     settings_file = out_dir / "settings.json"
     if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
         raise ValueError(f"{out_dir} holds a run with other settings; use a new --out directory")
     settings_file.write_text(json.dumps(settings, indent=2) + "\n")
 
-    tokens = corpus_tokens(tokenizer, config.sequences * config.seq_len, split="train", seed=config.seed)
-    files = []
     start = time.perf_counter()
-    for i in tqdm(range(config.sequences), desc="capture", disable=not progress):
-        file = out_dir / "data" / f"seq_{i:04d}.safetensors"
-        files.append(file)
-        if file.is_file():
-            continue
-        seq = tokens[i * config.seq_len:(i + 1) * config.seq_len]
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + i)
-        tensors = capture_sequence(model, seq, policy, config.queries_per_seq, gen)
-        save_file(tensors, str(file.with_suffix(".partial")))
-        file.with_suffix(".partial").replace(file)
-
+    files, fresh = capture_all(model, tokenizer, policy, out_dir / "data", config, progress)
+    captured = time.perf_counter()
+    with safe_open(str(files[0]), framework="pt") as f:
+        trained = sorted({int(key.split(".")[0]) for key in f.keys()})
+    layer_file = lambda i: out_dir / "layers" / f"layer_{i:03d}.safetensors"
+    pending = [i for i in trained if not layer_file(i).is_file()]
+    size = config.layers_per_pass or len(pending) or 1
     modules = attention_modules(model)
+    for first in tqdm(range(0, len(pending), size), desc="passes", disable=not progress):
+        group = pending[first:first + size]
+        layers = [kernels.layers[i] for i in group]
+        params = stack_layers(layers, model.device)
+        o_proj = torch.stack([modules[i].o_proj.weight.detach().float() for i in group])
+        data = load_group(files, group, model.device)
+        reports = fit_group(params, data, o_proj, config, progress, desc=f"layers {group[0]}-{group[-1]}")
+        unstack_layers(params, layers)
+        for i, report in zip(group, reports):
+            save_file({k: v.contiguous() for k, v in kernels.layers[i].state_dict().items()}, str(layer_file(i)))
+            layer_file(i).with_suffix(".json").write_text(json.dumps(report) + "\n")
     report = {}
-    for layer_idx in tqdm(range(kernels.config.num_layers), desc="layers", disable=not progress):
-        file = out_dir / "layers" / f"layer_{layer_idx:03d}.safetensors"
-        layer = kernels.layers[layer_idx]
-        if file.is_file():
-            layer.load_state_dict(load_file(str(file)))
-            report[layer_idx] = json.loads(file.with_suffix(".json").read_text())
-            continue
-        examples = _examples(files, layer_idx)
-        if examples:
-            o_proj = modules[layer_idx].o_proj.weight.detach().float().cpu()
-            report[layer_idx] = fit_layer(layer, examples, o_proj, config, progress, desc=f"layer {layer_idx}")
+    for i, layer in enumerate(kernels.layers):
+        if i in trained:
+            layer.load_state_dict(load_file(str(layer_file(i))))
+            report[i] = json.loads(layer_file(i).with_suffix(".json").read_text())
         else:
-            report[layer_idx] = {"skipped": "sliding-window layer or no eviction"}
-        save_file({k: v.detach().contiguous() for k, v in layer.state_dict().items()}, str(file))
-        file.with_suffix(".json").write_text(json.dumps(report[layer_idx]) + "\n")
-    provenance = {**settings, "layers": report, "train_seconds_this_run": round(time.perf_counter() - start, 1)}
+            report[i] = {"skipped": "sliding-window layer or no eviction"}
+    done = time.perf_counter()
+    timing = {"capture_seconds_this_run": round(captured - start, 1), "fit_seconds_this_run": round(done - captured, 1),
+              "train_seconds_this_run": round(done - start, 1)}
+    if fresh == config.sequences and len(pending) == len(trained):  # a whole run, nothing reused
+        timing["sequences_per_minute"] = round(config.sequences / ((done - start) / 60), 3)
+    provenance = {**settings, "layers": report, **timing}
     return save_less_kernels(out_dir, kernels, provenance)

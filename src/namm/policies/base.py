@@ -115,6 +115,10 @@ class MemoryPolicy:
     def reset(self, batch_size: int) -> None:
         """Called before each generation with the number of rows."""
 
+    def state_nbytes(self) -> int:
+        """Bytes one sequence's memory holds beside the KV cache (LESS's low-rank state); 0 here."""
+        return 0
+
     def select(self, view: LayerView) -> Tensor:
         """Return a (B, H, K) bool mask of the slots to keep. May store per-token tensors of shape
         (B, H, K, ...) in ``view.state``; the runtime compacts them with the mask."""

@@ -42,5 +42,8 @@ class WrappedPolicy(MemoryPolicy):
     def reset(self, batch_size: int) -> None:
         self.inner.reset(batch_size)
 
+    def state_nbytes(self) -> int:
+        return self.inner.state_nbytes()
+
     def select(self, view: LayerView) -> Tensor:
         return self.inner.select(view)
