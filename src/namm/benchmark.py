@@ -1,9 +1,12 @@
-"""Runtime performance figures, measured in one run as ratios against the full cache.
+"""Runtime performance figures, measured in one run as ratios (the acceptance figures of the runtime).
 
-* prefill: our runtime with the ``full`` policy (chunked, memory attention) against a plain
-  Hugging Face forward (one shot, SDPA) over the same prompt;
-* decode: tokens/s at a long context with eviction policies against ``full``;
-* memory: peak KV bytes of each policy against the full cache's peak.
+* prefill at ``prefill_tokens``: the runtime's ``full`` policy against a plain transformers forward
+  (one shot, SDPA), and the all-zero NAMM (every update runs, nothing is evicted) against ``full``;
+* long context at ``decode_context``: prefill and decode of eviction policies at ``budget`` and of
+  a NAMM keeping ``namm_fraction`` of the tokens seen (budget mode), against ``full``: prefill time,
+  decode tokens/s and peak KV bytes;
+* one NAMM memory update of one layer holding ``decode_context`` tokens (random queries and keys of
+  the model's shapes): seconds and the peak memory it takes beyond what was held before.
 
 Timings take the best of ``repeats`` runs, alternating the contenders so background load hits
 them alike.
@@ -13,13 +16,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from namm.memory.generation import generate
+from namm.memory.generation import GenerationOutput, generate
+from namm.policies.base import LayerView, MemoryPolicy
 from namm.policies.registry import make_policy
 from namm.tasks.corpus import corpus_tokens
+
+FULL, ZERO_NAMM = "full", "namm-zeros"
 
 
 @dataclass
@@ -30,55 +38,127 @@ class BenchmarkConfig:
     budget: float = 0.25
     policies: tuple[str, ...] = ("recency", "h2o")
     repeats: int = 2
+    namm_fraction: float = 0.3
 
 
-def _seconds(fn) -> float:
+def _seconds(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
+def _best(contenders: dict[str, Callable[[], GenerationOutput]], repeats: int,
+          key: Callable[[GenerationOutput], float]) -> dict[str, GenerationOutput]:
+    """The best run (smallest ``key``) of each contender, alternating them within each repeat."""
+    best: dict[str, GenerationOutput] = {}
+    for _ in range(repeats):
+        for name, run in contenders.items():
+            out = run()
+            if name not in best or key(out) < key(best[name]):
+                best[name] = out
+    return best
+
+
+def zero_namm() -> MemoryPolicy:
+    """The all-zero NAMM: every update runs its features and scorer, and every token is kept."""
+    return make_policy("namm", checkpoint="zeros")
+
+
 @torch.inference_mode()
 def prefill_figures(model: PreTrainedModel, prompt: torch.Tensor, repeats: int) -> dict:
-    """Seconds to prefill ``prompt`` with a plain HF forward and with the runtime's ``full`` policy."""
-    full = make_policy("full")
-
-    def plain() -> None:
-        model(input_ids=prompt[None].to(model.device), use_cache=True, logits_to_keep=1)
-
-    def ours() -> None:
-        generate(model, None, prompt, policy=full, max_new_tokens=0)
-
-    hf_s, ours_s = float("inf"), float("inf")
+    """Seconds to prefill ``prompt`` with a plain transformers forward, the runtime's ``full``
+    policy and the all-zero NAMM; ratios of full to the plain forward and of the NAMM to full."""
+    ids = prompt[None].to(model.device)
+    policies = {FULL: make_policy("full"), ZERO_NAMM: zero_namm()}
+    plain_s = float("inf")
+    best: dict[str, float] = {}
     for _ in range(repeats):  # alternate the contenders so background load hits them alike
-        hf_s = min(hf_s, _seconds(plain))
-        ours_s = min(ours_s, _seconds(ours))
-    return {"tokens": len(prompt), "hf_forward_s": hf_s, "namm_full_s": ours_s, "ratio": ours_s / hf_s}
+        plain_s = min(plain_s, _seconds(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1)))
+        for name, policy in policies.items():
+            out = generate(model, None, prompt, policy=policy, max_new_tokens=0)
+            best[name] = min(best.get(name, float("inf")), out.prefill_seconds)
+    return {"tokens": len(prompt), "hf_forward_s": plain_s, "namm_full_s": best[FULL],
+            "namm_zeros_s": best[ZERO_NAMM], "ratio": best[FULL] / plain_s,
+            "namm_zeros_ratio": best[ZERO_NAMM] / best[FULL]}
 
 
-def decode_figures(model: PreTrainedModel, prompt: torch.Tensor, cfg: BenchmarkConfig) -> dict:
-    """Decode tokens/s and peak KV bytes at a long context, per policy, with ratios against full."""
-    rows = {}
-    for name in ("full", *cfg.policies):
-        policy = make_policy(name) if name == "full" else make_policy(name, budget=cfg.budget)
-        best = None
-        for _ in range(cfg.repeats):
-            out = generate(model, None, prompt, policy=policy, max_new_tokens=cfg.decode_tokens + 1, eos_token_id=None)
-            if best is None or out.decode_seconds < best.decode_seconds:
-                best = out
-        rows[name] = {
-            "decode_tokens_per_s": cfg.decode_tokens / best.decode_seconds,
-            "prefill_s": best.prefill_seconds,
-            "policy_s": best.policy_seconds,
-            "kv_bytes_peak": best.kv_bytes_peak,
-            "kv_bytes_full_peak": best.kv_bytes_full_peak,
-            "cache_fraction": best.cache_fraction,
-        }
-    full = rows["full"]
-    for row in rows.values():
-        row["decode_speedup"] = row["decode_tokens_per_s"] / full["decode_tokens_per_s"]
-        row["kv_peak_ratio"] = row["kv_bytes_peak"] / full["kv_bytes_full_peak"]
-    return rows
+def long_context_figures(model: PreTrainedModel, prompt: torch.Tensor, cfg: BenchmarkConfig) -> dict:
+    """Per policy at a long context: prefill seconds, decode tokens/s, policy seconds and peak KV
+    bytes, with ratios against ``full`` (the NAMM row keeps ``namm_fraction`` of the tokens)."""
+    policies = {FULL: make_policy("full"), **{name: make_policy(name, budget=cfg.budget) for name in cfg.policies},
+                f"namm-{cfg.namm_fraction:g}": make_policy("namm", checkpoint="zeros", budget=cfg.namm_fraction)}
+    runs = {name: (lambda p=policy: generate(model, None, prompt, policy=p, max_new_tokens=cfg.decode_tokens + 1,
+                                             eos_token_id=None))
+            for name, policy in policies.items()}
+    best = _best(runs, cfg.repeats, key=lambda out: out.prefill_seconds + out.decode_seconds)
+    full = best[FULL]
+    return {name: {
+        "prefill_s": out.prefill_seconds, "prefill_ratio": out.prefill_seconds / full.prefill_seconds,
+        "decode_tokens_per_s": cfg.decode_tokens / out.decode_seconds,
+        "decode_speedup": full.decode_seconds / out.decode_seconds,
+        "policy_s": out.policy_seconds, "kv_bytes_peak": out.kv_bytes_peak,
+        "kv_peak_ratio": out.kv_bytes_peak / full.kv_bytes_full_peak, "cache_fraction": out.cache_fraction,
+    } for name, out in best.items()}
+
+
+def update_view(model: PreTrainedModel, cached: int, n_queries: int, seed: int = 0) -> LayerView:
+    """A layer view at a memory update of one row: ``cached`` random keys of the model's shapes at
+    positions 0.., and the ``n_queries`` newest tokens' random queries buffered, on its device."""
+    config = model.config.get_text_config()
+    H, Hq = config.num_key_value_heads, config.num_attention_heads
+    D = getattr(config, "head_dim", None) or config.hidden_size // Hq
+    device, dtype = model.device, model.dtype
+    gen = torch.Generator(device=device).manual_seed(seed)
+    keys = torch.randn(1, H, cached, D, generator=gen, device=device).to(dtype)
+    return LayerView(
+        layer_idx=0, num_layers=config.num_hidden_layers, keys=keys, values=keys,
+        positions=torch.arange(cached, device=device).expand(1, H, cached).clone(),
+        queries=torch.randn(1, Hq, n_queries, D, generator=gen, device=device).to(dtype),
+        query_positions=torch.arange(cached - n_queries, cached, device=device)[None],
+        tokens_seen=torch.tensor([cached], device=device), previous_tokens_seen=torch.tensor([cached - n_queries], device=device),
+        scaling=D ** -0.5, sliding_window=None, state={}, rows=torch.tensor([0], device=device))
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
+    """Seconds of ``fn()`` and the most memory it held at once beyond what was held before: the
+    allocator's peak on CUDA, the growth of the process's peak resident set on the CPU (Linux;
+    -1 where it cannot be read)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        seconds = _seconds(lambda: (fn(), torch.cuda.synchronize(device)))
+        return seconds, torch.cuda.max_memory_allocated(device) - before
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set to the current one
+        before = _status_bytes("VmRSS")
+    except OSError:
+        return _seconds(fn), -1
+    seconds = _seconds(fn)
+    return seconds, _status_bytes("VmHWM") - before
+
+
+@torch.inference_mode()
+def namm_update_figures(model: PreTrainedModel, cached: int, repeats: int) -> dict:
+    """Seconds (best of ``repeats``, after a warm-up) and peak memory of one NAMM update of one
+    layer holding ``cached`` tokens: buffered attention, features, BAM scores and selection."""
+    policy = zero_namm()
+    policy.bind(model)
+    n = min(policy.n_up, cached)
+    policy.select(update_view(model, cached, n))  # warm-up
+    runs = []
+    for i in range(repeats):
+        view = update_view(model, cached, n, seed=i + 1)
+        runs.append(peak_memory(lambda: policy.select(view), model.device))
+    return {"cached_tokens": cached, "queries": n, "seconds": min(s for s, _ in runs),
+            "peak_bytes": max(b for _, b in runs)}
 
 
 def runtime_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: BenchmarkConfig) -> dict:
@@ -88,25 +168,36 @@ def runtime_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         raise ValueError(f"decode context {cfg.decode_context} + {cfg.decode_tokens} new tokens exceeds the "
                          f"model's context of {context} tokens")
     prefill_prompt = corpus_tokens(tokenizer, cfg.prefill_tokens, split="heldout", seed=1)
-    decode_prompt = corpus_tokens(tokenizer, cfg.decode_context, split="heldout", seed=2)
+    long_prompt = corpus_tokens(tokenizer, cfg.decode_context, split="heldout", seed=2)
     return {
         "config": cfg.__dict__ | {"policies": list(cfg.policies)},
+        "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "prefill": prefill_figures(model, prefill_prompt, cfg.repeats),
-        "decode": decode_figures(model, decode_prompt, cfg),
+        "decode": long_context_figures(model, long_prompt, cfg),
+        "namm_update": namm_update_figures(model, cfg.decode_context, cfg.repeats),
     }
 
 
 def format_report(figures: dict) -> str:
-    """A short human-readable table of :func:`runtime_benchmark`'s figures."""
-    pre = figures["prefill"]
+    """A short human-readable table of :func:`runtime_benchmark`'s figures, with the targets."""
+    cfg, pre, upd = figures["config"], figures["prefill"], figures["namm_update"]
+    peak = "unknown" if upd["peak_bytes"] < 0 else f"{upd['peak_bytes'] / 2 ** 20:.1f} MiB"
     lines = [
+        f"device {figures['device']}, {figures['dtype']}, {figures['threads']} threads",
         f"prefill {pre['tokens']} tokens: plain HF forward {pre['hf_forward_s']:.2f} s, namm full "
         f"{pre['namm_full_s']:.2f} s -> ratio {pre['ratio']:.3f} (target <= 1.05)",
-        f"decode at {figures['config']['decode_context']} tokens of context, budget {figures['config']['budget']}:",
-        f"{'policy':<10} {'tok/s':>8} {'speedup':>8} {'KV peak/full':>13} {'cache frac':>11} {'policy s':>9}",
+        f"prefill {pre['tokens']} tokens: zero NAMM {pre['namm_zeros_s']:.2f} s -> {pre['namm_zeros_ratio']:.3f}x "
+        f"full (target <= 1.3)",
+        f"{cfg['decode_context']} tokens of context, then {cfg['decode_tokens']} decoded; eviction budget "
+        f"{cfg['budget']} (decode target >= 1.5x), NAMM at {cfg['namm_fraction']} (prefill target <= 1.0x):",
+        f"{'policy':<10} {'prefill s':>9} {'vs full':>8} {'tok/s':>7} {'speedup':>8} {'KV peak/full':>13} "
+        f"{'cache frac':>11} {'policy s':>9}",
     ]
     for name, row in figures["decode"].items():
-        lines.append(f"{name:<10} {row['decode_tokens_per_s']:>8.1f} {row['decode_speedup']:>7.2f}x "
-                     f"{row['kv_peak_ratio']:>13.3f} {row['cache_fraction']:>11.3f} {row['policy_s']:>9.2f}")
+        lines.append(f"{name:<10} {row['prefill_s']:>9.2f} {row['prefill_ratio']:>7.3f}x {row['decode_tokens_per_s']:>7.1f} "
+                     f"{row['decode_speedup']:>7.2f}x {row['kv_peak_ratio']:>13.3f} {row['cache_fraction']:>11.3f} "
+                     f"{row['policy_s']:>9.2f}")
+    lines.append(f"one NAMM update of one layer at {upd['cached_tokens']} cached tokens ({upd['queries']} queries): "
+                 f"{upd['seconds']:.3f} s, peak memory {peak}")
     return "\n".join(lines)

@@ -32,26 +32,37 @@ ATTENTION_NAME = "namm_memory"
 
 def attend_segment(layer: MemoryLayer, step: StepPlan, query: Tensor, start: int, end: int) -> Tensor:
     """(B, Hq, end - start, D) attention output of the step's queries ``start:end`` over the
-    layer's current slots (the step's keys are the last ``Q - start`` of them)."""
+    layer's current slots (the step's keys are the last ``Q - start`` of them; those after ``end``
+    are newer than every query of the segment and left out).
+
+    A layer whose slots all hold tokens, with no sliding window, needs no mask when the segment is
+    one query (it sees every key) or a fresh causal block (no older slot): SDPA then runs its
+    unmasked (causal) kernel, as a plain transformers forward does."""
     memory = layer.cache
     q = query[:, :, start:end]
     q_pos = step.positions[:, start:end]
-    keys, values, k_pos = layer.keys, layer.values, layer.positions
-    Hq, H = q.shape[1], keys.shape[1]
-    visible = visibility(q_pos, k_pos[:, :1] if layer.heads_aligned else k_pos, layer.sliding_window)
-    if step.padded:  # a padding query sees only its own slot, so it stays finite
-        K, n = k_pos.shape[-1], end - start
-        first = K - (query.shape[2] - start)
-        own = torch.zeros_like(visible[:, :1])
-        own[:, 0, :, first:first + n] = torch.diag_embed(q_pos < 0)
-        visible = visible | own
-    if not layer.heads_aligned:
-        visible = visible.repeat_interleave(Hq // H, dim=1)
+    later = query.shape[2] - end
+    keys, values, k_pos = (t if later == 0 else t.narrow(2, 0, t.shape[2] - later)
+                           for t in (layer.keys, layer.values, layer.positions))
+    (Hq, n), (H, K) = q.shape[1:3], keys.shape[1:3]
     attend = getattr(memory.policy, "attend", None)  # optional policy hook (e.g. LESS), see MemoryPolicy
-    out = None if attend is None else attend(layer.layer_idx, q, keys, values, visible, layer.scaling)
-    if out is None:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=layer.scaling,
+    out = None
+    if attend is None and layer.dense and layer.sliding_window is None and (n == 1 or K == n):
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=n > 1, scale=layer.scaling,
                                              enable_gqa=H != Hq)
+    else:
+        visible = visibility(q_pos, k_pos[:, :1] if layer.heads_aligned else k_pos, layer.sliding_window)
+        if step.padded:  # a padding query sees only its own slot, so it stays finite
+            own = torch.zeros_like(visible[:, :1])
+            own[:, 0, :, K - n:] = torch.diag_embed(q_pos < 0)
+            visible = visible | own
+        if not layer.heads_aligned:
+            visible = visible.repeat_interleave(Hq // H, dim=1)
+        if attend is not None:
+            out = attend(layer.layer_idx, q, keys, values, visible, layer.scaling)
+        if out is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=layer.scaling,
+                                                 enable_gqa=H != Hq)
     if memory.query_window != 0:
         layer.buffer_queries(q, q_pos, memory.query_window, step.padded)
     return out
@@ -79,7 +90,7 @@ def memory_attention(
     step = memory.step_plan(layer.layer_idx, B, Q, attention_mask, kwargs.get("position_ids"))
     layer.scaling = module.scaling if scaling is None else scaling
     layer.sliding_window = sliding_window
-    layer.append_positions(step.positions)
+    layer.append_positions(step.positions, step.padded)
     parts, start = [], 0
     for point in step.points:
         if point.column > start:

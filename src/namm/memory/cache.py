@@ -85,6 +85,8 @@ class MemoryLayer(CacheLayerMixin):
         self.query_positions: Tensor | None = None  # (B, N)
         self.queries_padded = False  # some buffered query slot is padding (-1)
         self.heads_aligned = True  # every head holds the same positions (one mask serves all heads)
+        self.dense = True  # every slot holds a token (no empty slot), known without reading the positions
+        self.empty_bound = 0  # at least as many slots as are empty in every row and head (host count)
         self.scaling: float = 1.0
         self.sliding_window: int | None = None
         self._stores: dict[str, Tensor] = {}  # backing stores of appended tensors (see _append)
@@ -107,10 +109,12 @@ class MemoryLayer(CacheLayerMixin):
         _handoff.value = (self, self.keys)
         return self.keys, self.values
 
-    def append_positions(self, positions: Tensor) -> None:
-        """Record the (B, Q) absolute positions (-1: padding) of the keys the step appended."""
+    def append_positions(self, positions: Tensor, padded: bool) -> None:
+        """Record the (B, Q) absolute positions (-1: padding) of the keys the step appended;
+        ``padded``: some of them are padding."""
         B, H = self.keys.shape[:2]
         self.positions = self._append("positions", positions[:, None, :].expand(B, H, -1))
+        self.dense = self.dense and not padded
 
     def assign(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
         """Replace the layer's contents with (B, H, K, D) keys and values at (B, H, K) positions
@@ -120,6 +124,7 @@ class MemoryLayer(CacheLayerMixin):
         self.keys, self.values, self.positions = keys, values, positions
         self.state, self.queries, self.query_positions, self.queries_padded = {}, None, None, False
         self.heads_aligned = heads_agree(positions)
+        self.dense, self.empty_bound = False, positions.shape[-1]  # unknown without reading the positions
         self.is_initialized = True
 
     def _append(self, name: str, new: Tensor, dim: int = 2) -> Tensor:
@@ -217,6 +222,8 @@ class MemoryLayer(CacheLayerMixin):
         self.values = gather_slots(self.values, order, 2)
         self.positions = torch.where(real, torch.gather(self.positions, 2, order), -1)
         self.heads_aligned = heads_agree(self.positions)
+        self.dense = bool(real.all())
+        self.empty_bound = 0
         self.state = {
             name: gather_slots(value, order, 2) * real.reshape(*real.shape, *([1] * (value.dim() - 3))).to(value.dtype)
             for name, value in state.items()
@@ -353,12 +360,16 @@ class MemoryCache(Cache):
 
     def drop_padding(self, force: bool = False) -> None:
         """Remove empty slots (left by padded inputs or unequal rows) once they make up more than
-        a quarter of a layer, or always with ``force``. Attention never sees them either way."""
+        a quarter of a layer, or always with ``force``. Attention never sees them either way. The
+        positions are read (a device sync) only when a layer's ``empty_bound`` allows that many."""
         for layer in self.layers:
             if layer.positions is None or layer.positions.shape[-1] == 0:
                 continue
+            if not force and layer.empty_bound * 4 <= layer.positions.shape[-1]:
+                continue
             valid = layer.positions >= 0
             empty = layer.positions.shape[-1] - int(valid.sum(-1).max())
+            layer.empty_bound = empty
             if empty > 0 and (force or empty * 4 > layer.positions.shape[-1]) or (force and not is_packed(valid)):
                 layer.compact(valid)
 
@@ -403,7 +414,10 @@ class MemoryCache(Cache):
         self.columns += step.positions.shape[1]
         for point in step.points:
             self._commit(point)
-        if step.padded:
+        if step.padded:  # each row's padding adds empty slots; at most this many are empty in every row
+            added = step.positions.shape[1] - int(step.fed.min())
+            for layer in self.layers:
+                layer.empty_bound += added
             self.drop_padding()
 
     # -- memory updates --------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """The driver: chunked prefill and feeding, over a :class:`~namm.memory.cache.MemoryCache`.
 
 Every row of a batch keeps its own count of tokens seen. A step feeds each row the tokens up to
-its next boundary (a multiple of the chunk size or, on the progressive schedule, of the policy's
-``n_up``); rows with fewer tokens are left-padded inside the step, and the padding is masked out
-and later dropped. On the progressive schedule the cache updates a row when its count of tokens
+its next boundary (a multiple of the chunk size, if one is set, or, on the progressive schedule,
+of the policy's ``n_up``). By default there is no chunk size: a step runs to the next memory
+update (the whole input when nothing updates on the way), which gives the same result as any
+chunking (docs/algorithm.md §1) in the fewest steps, and a fresh prefill runs SDPA's unmasked
+causal kernel as a plain transformers forward does. Rows with fewer tokens are left-padded
+inside the step, and the padding is masked out and later dropped. On the progressive schedule the cache updates a row when its count of tokens
 seen reaches a multiple of ``n_up``, in prefill and in decoding alike, so a batch gives each row
 exactly what it would get alone. On the prompt-end schedule feeding never updates: the caller
 runs :meth:`MemoryRunner.end_prompt` once, after every row's whole prompt.
@@ -15,6 +18,7 @@ whose chunked prefill then drives the updates.
 from __future__ import annotations
 
 import inspect
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -73,13 +77,13 @@ class MemoryRunner:
     model: PreTrainedModel
     policy: MemoryPolicy
     batch_size: int
-    chunk_size: int = 128
+    chunk_size: int | None = None  # None: steps end only at memory updates (and at the input's end)
     record_history: bool = False
     cache: MemoryCache = field(init=False)
     cache_kwarg: str = field(init=False)  # the model's name for its cache argument
 
     def __post_init__(self) -> None:
-        if self.chunk_size < 1:
+        if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         self.policy.bind(self.model)
         self.cache = MemoryCache(self.policy, self.model.config.get_text_config().num_hidden_layers, self.batch_size,
@@ -115,10 +119,10 @@ class MemoryRunner:
         return self.cache.progressive
 
     def _next_boundary(self, seen: int) -> int:
-        nxt = (seen // self.chunk_size + 1) * self.chunk_size
-        if self.progressive:
-            nxt = min(nxt, (seen // self.policy.n_up + 1) * self.policy.n_up)
-        return nxt
+        """The count of tokens seen at which a row's current step ends."""
+        ends = [(seen // step + 1) * step for step in (self.chunk_size, self.policy.n_up if self.progressive else None)
+                if step is not None]
+        return min(ends, default=sys.maxsize)
 
     def feed(self, rows_tokens: list[Tensor], progress=None, all_logits: bool = False,
              keep: int = 0) -> Tensor | list[Tensor]:

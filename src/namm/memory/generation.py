@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from namm.memory.driver import MemoryRunner, UpdateRecord, memory_attention_enabled
+from namm.memory.stopping import StopStrings
 from namm.policies.base import MemoryPolicy
 from namm.policies.registry import make_policy
 
@@ -38,6 +39,7 @@ class GenerationOutput:
     prefill_seconds: float
     decode_seconds: float
     policy_seconds: float
+    less_state_bytes: int = 0  # the policy's memory beside the KV cache (LESS state), per sequence
     history: list[UpdateRecord] = field(default_factory=list)
 
     @property
@@ -47,12 +49,18 @@ class GenerationOutput:
             return 1.0
         return sum(self.cache_tokens_per_layer) / len(self.cache_tokens_per_layer) / self.tokens_seen
 
+    @property
+    def memory_fraction(self) -> float:
+        """(KV bytes + LESS state bytes) held at the end / full-cache KV bytes."""
+        return (self.kv_bytes + self.less_state_bytes) / self.kv_bytes_full if self.kv_bytes_full else 1.0
+
     def to_dict(self) -> dict:
         return {
             "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
             "tokens_seen": self.tokens_seen, "cache_tokens_per_layer": self.cache_tokens_per_layer,
             "cache_fraction": self.cache_fraction, "kv_bytes": self.kv_bytes, "kv_bytes_full": self.kv_bytes_full,
             "kv_bytes_peak": self.kv_bytes_peak, "kv_bytes_full_peak": self.kv_bytes_full_peak,
+            "less_state_bytes": self.less_state_bytes, "memory_fraction": self.memory_fraction,
             "prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds,
             "policy_seconds": self.policy_seconds,
         }
@@ -162,7 +170,7 @@ def generate(
     top_p: float = 1.0,
     stop: list[str] | None = None,
     seed: int | None = None,
-    chunk_size: int = 128,
+    chunk_size: int | None = None,
     record_history: bool = False,
     progress: bool = False,
     eos_token_id: list[int] | None | str = "auto",
@@ -182,6 +190,9 @@ def generate(
     prompt is a context and the query-agnostic protocol runs: the context is prefilled (progressive
     policies update on their schedule) and compressed once by every policy, then the question is
     fed with no compression before the first answer token; decoding follows the policy's schedule.
+
+    ``chunk_size`` caps the tokens of one prefill step (None: a step runs to the next memory
+    update); any value gives the same result.
     """
     single = isinstance(prompt, str) or (isinstance(prompt, Tensor) and prompt.dim() == 1) or is_chat(prompt) or (
         isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int))
@@ -199,6 +210,7 @@ def generate(
     runner = MemoryRunner(model, policy, B, chunk_size=chunk_size, record_history=record_history)
     eos = _eos_ids(model, tokenizer) if eos_token_id == "auto" else set(eos_token_id or [])
     procs = _sampler(do_sample, temperature, top_k, top_p)
+    stops = StopStrings(tokenizer, stop or []) if tokenizer is not None else None
     gen: torch.Generator | None = None  # made on the logits' device at the first sample
     generated: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
@@ -238,7 +250,7 @@ def generate(
                     continue
                 tok = next_ids[b]
                 generated[b].append(tok)
-                if tok in eos or (stop and tokenizer and any(s in tokenizer.decode(generated[b]) for s in stop)):
+                if tok in eos or (stops and stops.found(generated[b])):
                     finished[b] = True
                 if finished[b] or step + 1 >= budget[b]:
                     finished[b] = True
@@ -265,6 +277,7 @@ def generate(
             cache_tokens_per_layer=counts[:, b].tolist(), kv_bytes=int(kv_now[b]), kv_bytes_full=int(kv_full[b]),
             kv_bytes_peak=int(peak[b]), kv_bytes_full_peak=int(kv_full[b]),
             prefill_seconds=t1 - t0, decode_seconds=t2 - t1, policy_seconds=runner.policy_seconds,
+            less_state_bytes=policy.state_nbytes(),
             history=[h for h in runner.history if h.row == b],
         ))
     return outputs[0] if single else outputs

@@ -22,7 +22,7 @@ def visibility(query_positions: Tensor, key_positions: Tensor, sliding_window: i
     return visible
 
 
-BUFFERED_CHUNK_BYTES = 64 << 20  # float32 logits of one chunk of keys in :func:`buffered_attention`
+BUFFERED_CHUNK_BYTES = 64 << 20  # float32 logits of one chunk of queries in :func:`buffered_attention`
 
 
 def shared_prefix(query_positions: Tensor, key_positions: Tensor, sliding_window: int | None) -> int:
@@ -47,34 +47,26 @@ def buffered_attention(
     """(B, H, N, K) float32 softmax attention of buffered queries (B, H*G, N, D) over keys
     (B, H, K, D), averaged over the G query heads of each KV head; zero where not visible.
 
-    The logits are computed over chunks of keys, at most ``chunk_bytes`` at a time, so the memory
-    beyond the result stays bounded at any cache size: when every key fits in one chunk the
-    softmax takes one pass, otherwise a first pass accumulates each query's log-normaliser and a
-    second writes the probabilities. The mask is applied only after the slots every query sees."""
+    The queries go in chunks whose logits (and their softmax) take at most ``chunk_bytes``, so the
+    memory beyond the result stays bounded however many queries and keys there are (at least one
+    query per chunk), at the cost of one matmul and one softmax per chunk: each query's row is
+    computed whole, exactly as without chunks. The mask is applied only after the slots every
+    query sees."""
     B, Hq, N, D = queries.shape
     H, K = keys.shape[1], keys.shape[2]
     G = Hq // H
-    q = queries.float().reshape(B, H, G * N, D) * scaling
+    q = queries.reshape(B, H, G, N, D)
+    k = keys.float().transpose(-1, -2)  # (B, H, D, K)
     start = shared_prefix(query_positions, key_positions, sliding_window)
-
-    def logits(lo: int, hi: int) -> Tensor:  # (B, H, G * N, hi - lo), -inf where not visible
-        out = torch.matmul(q, keys[:, :, lo:hi].float().transpose(-1, -2))
-        if hi > start:
-            first = max(lo, start)
-            visible = visibility(query_positions, key_positions[..., first:hi], sliding_window)
-            out.view(B, H, G, N, hi - lo)[..., first - lo:].masked_fill_(~visible[:, :, None], float("-inf"))
-        return out
-
-    width = max(1, chunk_bytes // (4 * B * H * G * N))
-    if width >= K:
-        probs = torch.softmax(logits(0, K), dim=-1).view(B, H, G, N, K).mean(2)
-    else:
-        spans = [(lo, min(lo + width, K)) for lo in range(0, K, width)]
-        norm = torch.stack([torch.logsumexp(logits(lo, hi), dim=-1) for lo, hi in spans]).logsumexp(0)
-        norm = norm.masked_fill_(norm == float("-inf"), 0.0)[..., None]  # a padded query sees nothing
-        probs = q.new_empty(B, H, N, K)
-        for lo, hi in spans:
-            probs[..., lo:hi] = logits(lo, hi).sub_(norm).exp_().view(B, H, G, N, hi - lo).mean(2)
+    width = max(1, chunk_bytes // (4 * B * H * G * max(K, 1)))
+    probs = keys.new_empty(B, H, N, K, dtype=torch.float32)
+    for lo in range(0, N, width):
+        hi = min(lo + width, N)
+        n = hi - lo
+        logits = torch.matmul(q[:, :, :, lo:hi].reshape(B, H, G * n, D).float() * scaling, k).view(B, H, G, n, K)
+        visible = visibility(query_positions[:, lo:hi], key_positions[..., start:], sliding_window)
+        logits[..., start:].masked_fill_(~visible[:, :, None], float("-inf"))
+        probs[:, :, lo:hi] = torch.softmax(logits, dim=-1).mean(2)
     real_query = query_positions >= 0
     if not bool(real_query.all()):  # padded query rows: no attention at all (and no NaN)
         probs.masked_fill_(~real_query[:, None, :, None], 0.0)

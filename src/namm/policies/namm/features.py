@@ -78,10 +78,15 @@ class Normalization(NamedTuple):
     mean: Tensor  # (bins,)
     std: Tensor  # (bins,)
 
+    def to(self, device: torch.device) -> "Normalization":
+        """The statistics as float32 on ``device`` (this object when they are there already)."""
+        if self.mean.device == device and self.mean.dtype == self.std.dtype == torch.float32:
+            return self
+        return Normalization(self.mean.to(device, torch.float32), self.std.to(device, torch.float32))
+
     def apply(self, ema: Tensor, eps: float) -> Tensor:
-        mean = self.mean.to(ema.device, torch.float32)
-        std = self.std.to(ema.device, torch.float32).clamp(min=eps)
-        return (ema - mean) / std
+        norm = self.to(ema.device)
+        return (ema - norm.mean) / norm.std.clamp(min=eps)
 
 
 @lru_cache(maxsize=16)

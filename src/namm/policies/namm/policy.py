@@ -156,8 +156,10 @@ class NAMMPolicy(MemoryPolicy):
     def row_params(self, rows: Tensor) -> Tensor:
         """(B, num_params) parameters of the given batch rows."""
         if self.population is None:
-            return self.params.to(rows.device).expand(len(rows), -1)
-        return self.population.to(rows.device).index_select(0, rows)
+            self.params = self.params.to(rows.device)  # moved to the model's device once
+            return self.params.expand(len(rows), -1)
+        self.population = self.population.to(rows.device)
+        return self.population.index_select(0, rows)
 
     def cap(self, tokens_seen: Tensor) -> Tensor | None:
         """(B,) most tokens a layer may keep per head, or None without a cap."""
@@ -166,6 +168,7 @@ class NAMMPolicy(MemoryPolicy):
 
     def token_features(self, view: LayerView) -> Tensor:
         """(B, H, K, dim) feature vectors of a layer's tokens; updates the carried state in the view."""
+        self.normalization = self.normalization.to(view.positions.device)  # moved to the model's device once
         return token_features(layer_features(view, self.features), self.normalization, self.features)
 
     def scores(self, view: LayerView) -> Tensor:
