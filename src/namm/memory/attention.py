@@ -24,20 +24,38 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from namm.memory.cache import MemoryLayer, claim_layer
-from namm.memory.masks import visibility
-from namm.memory.schedule import StepPlan
+from namm.memory.masks import attention_with_probs, visibility
+from namm.memory.schedule import StepPlan, UpdatePoint
 
 ATTENTION_NAME = "namm_memory"
 
 
-def attend_segment(layer: MemoryLayer, step: StepPlan, query: Tensor, start: int, end: int) -> Tensor:
+def reuses_attention(layer: MemoryLayer, step: StepPlan, n: int, update: UpdatePoint | None) -> bool:
+    """Whether the segment of ``n`` queries ending at ``update`` can hand its attention
+    probabilities to that update: every row updates there, nothing is padded, no policy hook
+    changes the attention, and the queries the update reads are exactly the segment's last ones."""
+    memory = layer.cache
+    window = memory.query_window
+    if update is None or window == 0 or step.padded or len(update.rows) != memory.num_rows:
+        return False
+    if getattr(memory.policy, "attend", None) is not None:
+        return False
+    buffered = 0 if layer.queries is None else layer.queries.shape[2]
+    return n >= window if window is not None else buffered == 0
+
+
+def attend_segment(layer: MemoryLayer, step: StepPlan, query: Tensor, start: int, end: int,
+                   update: UpdatePoint | None = None) -> Tensor:
     """(B, Hq, end - start, D) attention output of the step's queries ``start:end`` over the
     layer's current slots (the step's keys are the last ``Q - start`` of them; those after ``end``
-    are newer than every query of the segment and left out).
+    are newer than every query of the segment and left out). ``update``: the memory update right
+    after the segment, if any.
 
     A layer whose slots all hold tokens, with no sliding window, needs no mask when the segment is
     one query (it sees every key) or a fresh causal block (no older slot): SDPA then runs its
-    unmasked (causal) kernel, as a plain transformers forward does."""
+    unmasked (causal) kernel, as a plain transformers forward does. A segment whose queries are
+    the ones the next update reads (see :func:`reuses_attention`) is attended written out, and its
+    probabilities are kept on the layer for the update (docs/algorithm.md §3)."""
     memory = layer.cache
     q = query[:, :, start:end]
     q_pos = step.positions[:, start:end]
@@ -47,7 +65,11 @@ def attend_segment(layer: MemoryLayer, step: StepPlan, query: Tensor, start: int
     (Hq, n), (H, K) = q.shape[1:3], keys.shape[1:3]
     attend = getattr(memory.policy, "attend", None)  # optional policy hook (e.g. LESS), see MemoryPolicy
     out = None
-    if attend is None and layer.dense and layer.sliding_window is None and (n == 1 or K == n):
+    if reuses_attention(layer, step, n, update):
+        window = memory.query_window
+        out, layer.update_attention = attention_with_probs(
+            q, q_pos, keys, values, k_pos, layer.scaling, layer.sliding_window, n if window is None else window)
+    elif attend is None and layer.dense and layer.sliding_window is None and (n == 1 or K == n):
         out = F.scaled_dot_product_attention(q, keys, values, is_causal=n > 1, scale=layer.scaling,
                                              enable_gqa=H != Hq)
     else:
@@ -94,7 +116,7 @@ def memory_attention(
     parts, start = [], 0
     for point in step.points:
         if point.column > start:
-            parts.append(attend_segment(layer, step, query, start, point.column))
+            parts.append(attend_segment(layer, step, query, start, point.column, point))
             start = point.column
         memory.update_layer(layer, point, tail=Q - point.column)
     if start < Q:

@@ -84,6 +84,7 @@ class MemoryLayer(CacheLayerMixin):
         self.queries: Tensor | None = None  # (B, Hq, N, D)
         self.query_positions: Tensor | None = None  # (B, N)
         self.queries_padded = False  # some buffered query slot is padding (-1)
+        self.update_attention: Tensor | None = None  # (B, H, N, K) probabilities the step handed the next update
         self.heads_aligned = True  # every head holds the same positions (one mask serves all heads)
         self.dense = True  # every slot holds a token (no empty slot), known without reading the positions
         self.empty_bound = 0  # at least as many slots as are empty in every row and head (host count)
@@ -123,6 +124,7 @@ class MemoryLayer(CacheLayerMixin):
         self.dtype, self.device = keys.dtype, keys.device
         self.keys, self.values, self.positions = keys, values, positions
         self.state, self.queries, self.query_positions, self.queries_padded = {}, None, None, False
+        self.update_attention = None
         self.heads_aligned = heads_agree(positions)
         self.dense, self.empty_bound = False, positions.shape[-1]  # unknown without reading the positions
         self.is_initialized = True
@@ -427,8 +429,10 @@ class MemoryCache(Cache):
         slots (inputs of the step after the update point) are kept out of it."""
         held = layer.split_tail(tail) if tail else None
         start = time.perf_counter()
+        attention, layer.update_attention = layer.update_attention, None
         if not is_packed(layer.positions >= 0):
             layer.compact(layer.positions >= 0)
+            attention = None  # computed over the slots before compaction
         all_rows = len(point.rows) == self.num_rows
         rows = point.rows_dev
         pick = (lambda t: t) if all_rows else (lambda t: t.index_select(0, rows))  # noqa: E731
@@ -442,6 +446,7 @@ class MemoryCache(Cache):
             tokens_seen=point.tokens_seen_dev, previous_tokens_seen=point.previous_dev,
             scaling=layer.scaling, sliding_window=layer.sliding_window,
             state={k: pick(v) for k, v in state.items()}, rows=rows,
+            _attention=attention if all_rows else None,
         )
         keep = self.policy.select(view)
         if all_rows:

@@ -26,7 +26,7 @@ from namm.policies.base import LayerView
 
 TAIL_STATE = "namm_tail"  # (B, H, K, carry): last signal values of each token's previous update
 EMA_STATE = "namm_ema"  # (B, H, K, bins): each token's un-normalised spectrogram EMA
-CHUNK_TOKENS = 8192  # (row, head, token) signals transformed at once
+CHUNK_TOKENS = 2048  # (row, head, token) signals transformed at once: small enough to stay in cache
 
 
 @dataclass(frozen=True)
