@@ -14,6 +14,7 @@ import namm
 from fixtures.byte_tokenizer import byte_tokenizer
 from namm.cli import main
 from namm.commands.common import show_progress
+from namm.commands.compare import accepts
 from namm.eval.perplexity import evaluate_perplexity
 from namm.eval.intervals import bootstrap_interval
 from namm.eval.runner import evaluate
@@ -262,3 +263,8 @@ class FakeStderr:
 def test_progress_bars_only_on_a_terminal(monkeypatch, tty, quiet, shown):
     monkeypatch.setattr("sys.stderr", FakeStderr(tty))
     assert show_progress(argparse.Namespace(quiet=quiet)) is shown
+
+
+def test_compare_reads_options_off_the_policy_signatures():
+    assert not accepts("full", "budget") and accepts("namm", "budget") and accepts("l2", "budget")
+    assert accepts("h2o", "n_up") and not accepts("full", "n_up") and not accepts("tova", "checkpoint")

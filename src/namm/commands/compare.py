@@ -58,15 +58,14 @@ def split_list(text: str, what: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def accepts(policy: str, **option) -> bool:
-    """Whether a registered policy takes an option (baselines take a budget; full and namm do not)."""
-    from namm.policies.registry import make_policy
+def accepts(policy: str, option: str) -> bool:
+    """Whether a registered policy's constructor takes ``option`` (the baselines and namm take a
+    budget, full does not), read off its signature: no policy is built and no checkpoint loaded."""
+    import inspect
 
-    try:
-        make_policy(policy, **option)
-    except TypeError:
-        return False
-    return True
+    from namm.policies.registry import policy_class
+
+    return option in inspect.signature(policy_class(policy)).parameters
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
@@ -100,7 +99,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
     runs = []
     for t in tasks:
         for p in policies:
-            for b in (budgets if p != args.match_cache and accepts(p, budget=0.5) else [None]):
+            for b in (budgets if p != args.match_cache and accepts(p, "budget") else [None]):
                 runs.append((t, p, b))
     return runs
 
@@ -117,7 +116,7 @@ def run_name(args: argparse.Namespace, policy, budget: str | None) -> str:
 
 
 def build_policy(args: argparse.Namespace, policy: str, budget: str | None):
-    n_up = args.n_up if args.n_up is not None and accepts(policy, n_up=args.n_up) else None
+    n_up = args.n_up if args.n_up is not None and accepts(policy, "n_up") else None
     options = argparse.Namespace(policy=policy, budget=budget, n_up=n_up, schedule=args.schedule,
                                  checkpoint=args.checkpoint if policy == "namm" else None,
                                  less=args.less if policy != "full" else None)
