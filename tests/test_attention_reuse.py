@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import namm
 from namm.memory.masks import attention_with_probs, buffered_attention, visibility
 from namm.policies.base import LayerView, MemoryPolicy
+from namm.policies.wrapped import WrappedPolicy
 from tiny_models import random_prompt, tiny_model
-from wrapped_policy import RecordingPolicy
 
 
 @pytest.mark.parametrize("sliding_window", [None, 20])
@@ -38,8 +38,9 @@ def test_attention_with_probs_matches_sdpa_and_buffered_attention(sliding_window
     torch.testing.assert_close(probs, buffered, atol=1e-6, rtol=1e-5)
 
 
-class Views(RecordingPolicy):
-    """Keeps every update's view, its keep mask and whether the step handed it its attention."""
+class Views(WrappedPolicy):
+    """Runs ``inner`` and keeps every update's view, its keep mask and whether the step handed it
+    its attention."""
 
     def __init__(self, inner: MemoryPolicy):
         super().__init__(inner)
@@ -50,9 +51,6 @@ class Views(RecordingPolicy):
         keep = super().select(view)
         self.updates.append((view, handed, keep))
         return keep
-
-    def record(self, view: LayerView, keep: torch.Tensor) -> None:
-        pass
 
 
 class NoReuse(Views):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shlex
 import sys
@@ -61,8 +62,6 @@ def split_list(text: str, what: str) -> list[str]:
 def accepts(policy: str, option: str) -> bool:
     """Whether a registered policy's constructor takes ``option`` (the baselines and namm take a
     budget, full does not), read off its signature: no policy is built and no checkpoint loaded."""
-    import inspect
-
     from namm.policies.registry import policy_class
 
     return option in inspect.signature(policy_class(policy)).parameters

@@ -30,18 +30,17 @@ from namm.memory.schedule import StepPlan, UpdatePoint
 ATTENTION_NAME = "namm_memory"
 
 
-def reuses_attention(layer: MemoryLayer, step: StepPlan, n: int, update: UpdatePoint | None) -> bool:
-    """Whether the segment of ``n`` queries ending at ``update`` can hand its attention
-    probabilities to that update: every row updates there, nothing is padded, no policy hook
-    changes the attention, and the queries the update reads are exactly the segment's last ones."""
+def handed_queries(layer: MemoryLayer, step: StepPlan, n: int, update: UpdatePoint | None) -> int:
+    """How many of the last queries of a segment of ``n`` the update right after it reads, when the
+    segment can hand it their attention probabilities (every row updates there, nothing is padded
+    and the queries the update reads are all in the segment); 0 when it cannot."""
     memory = layer.cache
     window = memory.query_window
     if update is None or window == 0 or step.padded or len(update.rows) != memory.num_rows:
-        return False
-    if getattr(memory.policy, "attend", None) is not None:
-        return False
-    buffered = 0 if layer.queries is None else layer.queries.shape[2]
-    return n >= window if window is not None else buffered == 0
+        return 0
+    if window is None:  # every query since the previous update: the segment must hold them all
+        return n if layer.queries is None or layer.queries.shape[2] == 0 else 0
+    return window if n >= window else 0
 
 
 def attend_segment(layer: MemoryLayer, step: StepPlan, query: Tensor, start: int, end: int,
@@ -54,7 +53,7 @@ def attend_segment(layer: MemoryLayer, step: StepPlan, query: Tensor, start: int
     A layer whose slots all hold tokens, with no sliding window, needs no mask when the segment is
     one query (it sees every key) or a fresh causal block (no older slot): SDPA then runs its
     unmasked (causal) kernel, as a plain transformers forward does. A segment whose queries are
-    the ones the next update reads (see :func:`reuses_attention`) is attended written out, and its
+    the ones the next update reads (see :func:`handed_queries`) is attended written out, and its
     probabilities are kept on the layer for the update (docs/algorithm.md §3)."""
     memory = layer.cache
     q = query[:, :, start:end]
@@ -65,10 +64,10 @@ def attend_segment(layer: MemoryLayer, step: StepPlan, query: Tensor, start: int
     (Hq, n), (H, K) = q.shape[1:3], keys.shape[1:3]
     attend = getattr(memory.policy, "attend", None)  # optional policy hook (e.g. LESS), see MemoryPolicy
     out = None
-    if reuses_attention(layer, step, n, update):
-        window = memory.query_window
+    handed = handed_queries(layer, step, n, update) if attend is None else 0  # a hook changes the attention
+    if handed:
         out, layer.update_attention = attention_with_probs(
-            q, q_pos, keys, values, k_pos, layer.scaling, layer.sliding_window, n if window is None else window)
+            q, q_pos, keys, values, k_pos, layer.scaling, layer.sliding_window, handed)
     elif attend is None and layer.dense and layer.sliding_window is None and (n == 1 or K == n):
         out = F.scaled_dot_product_attention(q, keys, values, is_causal=n > 1, scale=layer.scaling,
                                              enable_gqa=H != Hq)
