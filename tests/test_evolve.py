@@ -157,6 +157,11 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path):
     assert best.provenance["generation"] in (2, 3) and best.provenance["tasks"] == ["passkey", "kv_retrieval"]
     assert torch.equal(best.mean, straight.policy.normalization.mean)
     namm.make_policy("namm", checkpoint=str(out / "best"))  # loads as a policy
+    means = sorted(d.name for d in (out / "means").iterdir())
+    assert means == ["gen-0002", "gen-0003"]  # every evaluated mean is kept as a candidate
+    assert torch.equal(load_namm_checkpoint(out / "means" / "gen-0003").params, straight.cmaes.mean.float())
+    chosen = load_namm_checkpoint(out / "means" / f"gen-{best.provenance['generation']:04d}")
+    assert torch.equal(chosen.params, best.params)
 
 
 def test_init_from_keeps_cma_state_and_statistics(tiny, tmp_path):

@@ -8,6 +8,8 @@ A run directory holds everything needed to continue:
 * ``state/`` — CMA-ES state (safetensors + JSON, see :mod:`namm.evolve.cmaes`) and the trainer
   counters, replaced atomically after every generation;
 * ``best/`` — the NAMM checkpoint of the best CMA-ES *mean* evaluated so far;
+* ``means/gen-NNNN/`` — the NAMM checkpoint of every evaluated mean, the candidates to choose from
+  by a validation under real eviction (``benchmarks/real_loglik.py``);
 * ``log.jsonl``, ``log.csv``, ``curve.png`` — one row per generation and the training curve.
 
 Prompts of a generation are drawn from a fixed pool per task with a generator seeded by the
@@ -302,9 +304,8 @@ class Trainer:
         return row
 
     def evaluate_mean(self) -> dict:
-        """Score the CMA-ES mean on the whole prompt pool; keep it as ``best/`` if it is the best."""
-        from namm.policies.namm.checkpoint import save_namm_checkpoint
-
+        """Score the CMA-ES mean on the whole prompt pool, save it in ``means/`` and keep it as ``best/``
+        if it is the best."""
         full = self.scorer.full(self.pool, self.config.eval_batch_size)
         mean = self.cmaes.mean
         results = []
@@ -317,19 +318,14 @@ class Trainer:
         improved = self.state.best_fitness is None or fitness > self.state.best_fitness
         if improved:
             self.state.best_fitness, self.state.best_generation = fitness, self.cmaes.generation
-            if self.workers.is_main:
-                provenance = self._provenance(self.cmaes.generation, fitness)
-                provenance.update(mean_cache_fraction=float(result.cache_fraction.mean()),
-                                  mean_score=float(result.scores.mean()), full_score=float(full.mean()))
-                tmp = self.out / "best.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                norm = self.policy.normalization
-                config = self.policy.config()
-                if self.config.budgets is not None:
-                    config["selection"].update(mode="budget", budgets=self.config.budgets)
-                save_namm_checkpoint(tmp, mean, norm.mean, norm.std, config, provenance)
-                shutil.rmtree(self.out / "best", ignore_errors=True)
-                tmp.rename(self.out / "best")
+        if self.workers.is_main:
+            provenance = self._provenance(self.cmaes.generation, fitness)
+            provenance.update(mean_cache_fraction=float(result.cache_fraction.mean()),
+                              mean_score=float(result.scores.mean()), full_score=float(full.mean()))
+            candidate = self.out / "means" / f"gen-{self.cmaes.generation:04d}"
+            self._save_checkpoint(candidate, mean, provenance)
+            if improved:
+                self._save_checkpoint(self.out / "best", mean, provenance)
         return {"eval_fitness": fitness, "eval_cache_fraction": float(result.cache_fraction.mean()),
                 "eval_score": float(result.scores.mean()), "eval_full_score": float(full.mean()),
                 "eval_improved": improved}
@@ -346,6 +342,20 @@ class Trainer:
                 bar.update()
 
     # ---- saving --------------------------------------------------------------------------
+
+    def _save_checkpoint(self, target: Path, params: torch.Tensor, provenance: dict) -> None:
+        """Write ``params`` as a NAMM checkpoint in ``target``, replacing it atomically."""
+        from namm.policies.namm.checkpoint import save_namm_checkpoint
+
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        norm = self.policy.normalization
+        config = self.policy.config()
+        if self.config.budgets is not None:
+            config["selection"].update(mode="budget", budgets=self.config.budgets)
+        save_namm_checkpoint(tmp, params, norm.mean, norm.std, config, provenance)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
 
     def _save_state(self) -> None:
         tmp, final = self.out / "state.tmp", self.out / "state"
