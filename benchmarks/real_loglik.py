@@ -4,13 +4,18 @@
         [--tasks niah_multikey,niah_multivalue,kv_retrieval,variable_tracking,passage_retrieval] \\
         [--length 2048] [--samples 4] [--seed 50] [--budgets 0.25,0.5] [--out docs/results/real-loglik.json]
 
+    # choose among a campaign's candidates (every evaluated CMA-ES mean is kept in means/):
+    python benchmarks/real_loglik.py --checkpoint runs/R/means/gen-0150 --checkpoint runs/R/means/gen-0200 \
+        --baselines streaming
+
 A validation check, not an evaluation: the prompts are fresh ones (another seed and length) of the
 tasks a campaign trains on. Every policy reads each prompt and its reference answer teacher-forced
 through the memory runtime (real progressive eviction, updates and all), and the score is the
 campaign's ``loglik`` fitness: the mean log-probability of the answer tokens minus the full
 cache's on the same prompt, averaged per task, then over tasks (0 = as good as the full cache).
 The NAMM runs in budget mode at each budget, every baseline at the same budget on its own default
-schedule. Prints a table and (``--out``) writes the per-prompt values as JSON.
+schedule. With several ``--checkpoint``s each NAMM row is named ``namm@<folder>``. Prints a table
+and (``--out``) writes the per-prompt values as JSON.
 """
 
 from __future__ import annotations
@@ -32,14 +37,15 @@ BASELINES = "recency,streaming,h2o,tova"
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="budget-mode NAMM checkpoint (a run's best/ or a name)")
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="budget-mode NAMM checkpoint (a run's best/, means/gen-NNNN or a name); repeat to compare several")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tasks", default=TRAINING_TASKS)
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--samples", type=int, default=4, help="prompts per task")
     p.add_argument("--seed", type=int, default=50)
     p.add_argument("--budgets", default="0.25,0.5")
-    p.add_argument("--baselines", default=BASELINES)
+    p.add_argument("--baselines", default=BASELINES, help="comma-separated baselines ('' for none)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -58,20 +64,22 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     full, _ = loglik(namm.make_policy("full"))
-    result = {"checkpoint": str(args.checkpoint), "model": args.model, "tasks": tasks, "length": args.length,
+    checkpoints = {("namm" if len(args.checkpoint) == 1 else f"namm@{Path(c).name}"): c for c in args.checkpoint}
+    result = {"checkpoint": args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint, "model": args.model, "tasks": tasks, "length": args.length,
               "samples": args.samples, "seed": args.seed, "prompts": [p.key for p in prompts],
               "full_loglik": full.tolist(), "rows": []}
-    print(f"{'budget':>6} {'policy':>10} {'fitness':>8} {'cache':>6}  per task")
+    width = max(10, *map(len, checkpoints))
+    print(f"{'budget':>6} {'policy':>{width}} {'fitness':>8} {'cache':>6}  per task")
     for budget in [float(b) for b in args.budgets.split(",")]:
-        contenders = {"namm": namm.make_policy("namm", checkpoint=args.checkpoint, budget=budget)}
-        contenders.update({name: namm.make_policy(name, budget=budget) for name in args.baselines.split(",")})
+        contenders = {label: namm.make_policy("namm", checkpoint=c, budget=budget) for label, c in checkpoints.items()}
+        contenders.update({name: namm.make_policy(name, budget=budget) for name in args.baselines.split(",") if name})
         for name, policy in contenders.items():
             values, cache = loglik(policy)
             fitness = float(loglik_fitness(values[None], full, task_of)[0])
             per_task = [float((values - full)[task_of == t].mean()) for t in range(len(tasks))]
             result["rows"].append({"budget": budget, "policy": name, "fitness": fitness, "cache_fraction": cache,
                                    "per_task": dict(zip(tasks, per_task)), "loglik": values.tolist()})
-            print(f"{budget:>6.2f} {name:>10} {fitness:>8.3f} {cache:>6.3f}  "
+            print(f"{budget:>6.2f} {name:>{width}} {fitness:>8.3f} {cache:>6.3f}  "
                   + " ".join(f"{v:.2f}" for v in per_task), flush=True)
     result["seconds"] = time.perf_counter() - start
     if args.out:

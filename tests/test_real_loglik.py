@@ -8,7 +8,10 @@ import json
 import math
 from pathlib import Path
 
+import torch
 from test_evolve_helpers import save_tiny_model
+
+from namm.policies.namm.checkpoint import save_namm_checkpoint, zeros_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,3 +33,21 @@ def test_real_loglik_scores_namm_and_baselines_at_each_budget(tmp_path, capsys):
         gaps = [v - f for v, f in zip(r["loglik"], result["full_loglik"])]
         assert math.isclose(r["fitness"], sum(gaps) / len(gaps), rel_tol=1e-6), "one prompt per task: the mean gap"
     assert "streaming" in capsys.readouterr().out
+
+
+
+def test_real_loglik_compares_several_candidates(tmp_path):
+    spec = importlib.util.spec_from_file_location("real_loglik", ROOT / "benchmarks" / "real_loglik.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = save_tiny_model(tmp_path / "model")
+    zeros = zeros_checkpoint("mlp")
+    random = torch.randn(zeros.params.shape, generator=torch.Generator().manual_seed(0))
+    save_namm_checkpoint(tmp_path / "gen-0010", random, zeros.mean, zeros.std, zeros.config)
+    out = tmp_path / "out.json"
+    module.main(["--checkpoint", "zeros", "--checkpoint", str(tmp_path / "gen-0010"), "--model", str(model),
+                 "--tasks", "passkey", "--length", "1100", "--samples", "1", "--budgets", "0.5", "--baselines", "",
+                 "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["policy"] for r in rows] == ["namm@zeros", "namm@gen-0010"]
+    assert rows[0]["loglik"] != rows[1]["loglik"], "a different NAMM keeps different tokens"
