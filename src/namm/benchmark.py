@@ -1,7 +1,8 @@
 """Runtime performance figures, measured in one run as ratios (the acceptance figures of the runtime).
 
 * prefill at ``prefill_tokens``: the runtime's ``full`` policy against a plain transformers forward
-  (one shot, SDPA), and the all-zero NAMM (every update runs, nothing is evicted) against ``full``;
+  (one shot, SDPA), and the all-zero NAMM (every update runs, nothing is evicted) against ``full``,
+  with the paper's BAM scorer and with the MLP scorer of the evolution campaigns (``MLP_SCORER``);
 * long context at ``decode_context``: prefill and decode of eviction policies at ``budget`` and of
   a NAMM keeping ``namm_fraction`` of the tokens seen (budget mode), against ``full``: prefill time,
   decode tokens/s and peak KV bytes;
@@ -27,7 +28,8 @@ from namm.policies.base import LayerView, MemoryPolicy
 from namm.policies.registry import make_policy
 from namm.tasks.corpus import corpus_tokens
 
-FULL, ZERO_NAMM = "full", "namm-zeros"
+FULL, ZERO_NAMM, ZERO_NAMM_MLP = "full", "namm-zeros", "namm-zeros-mlp"
+MLP_SCORER = {"kind": "mlp", "hidden": [8]}  # the campaign's scorer (runs/README.md, docs/algorithm.md §5)
 
 
 @dataclass
@@ -59,17 +61,18 @@ def _best(contenders: dict[str, Callable[[], GenerationOutput]], repeats: int,
     return best
 
 
-def zero_namm() -> MemoryPolicy:
+def zero_namm(scorer: str | dict = "bam") -> MemoryPolicy:
     """The all-zero NAMM: every update runs its features and scorer, and every token is kept."""
-    return make_policy("namm", checkpoint="zeros")
+    return make_policy("namm", checkpoint="zeros", scorer=scorer)
 
 
 @torch.inference_mode()
 def prefill_figures(model: PreTrainedModel, prompt: torch.Tensor, repeats: int) -> dict:
     """Seconds to prefill ``prompt`` with a plain transformers forward, the runtime's ``full``
-    policy and the all-zero NAMM; ratios of full to the plain forward and of the NAMM to full."""
+    policy and the all-zero NAMM (BAM and MLP scorers); ratios of full to the plain forward and of each
+    zero NAMM to full."""
     ids = prompt[None].to(model.device)
-    policies = {FULL: make_policy("full"), ZERO_NAMM: zero_namm()}
+    policies = {FULL: make_policy("full"), ZERO_NAMM: zero_namm(), ZERO_NAMM_MLP: zero_namm(MLP_SCORER)}
     plain_s = float("inf")
     best: dict[str, float] = {}
     for _ in range(repeats):  # alternate the contenders so background load hits them alike
@@ -79,7 +82,8 @@ def prefill_figures(model: PreTrainedModel, prompt: torch.Tensor, repeats: int) 
             best[name] = min(best.get(name, float("inf")), out.prefill_seconds)
     return {"tokens": len(prompt), "hf_forward_s": plain_s, "namm_full_s": best[FULL],
             "namm_zeros_s": best[ZERO_NAMM], "ratio": best[FULL] / plain_s,
-            "namm_zeros_ratio": best[ZERO_NAMM] / best[FULL]}
+            "namm_zeros_ratio": best[ZERO_NAMM] / best[FULL], "namm_zeros_mlp_s": best[ZERO_NAMM_MLP],
+            "namm_zeros_mlp_ratio": best[ZERO_NAMM_MLP] / best[FULL]}
 
 
 def long_context_figures(model: PreTrainedModel, prompt: torch.Tensor, cfg: BenchmarkConfig) -> dict:
@@ -187,8 +191,10 @@ def format_report(figures: dict) -> str:
         f"device {figures['device']}, {figures['dtype']}, {figures['threads']} threads",
         f"prefill {pre['tokens']} tokens: plain HF forward {pre['hf_forward_s']:.2f} s, namm full "
         f"{pre['namm_full_s']:.2f} s -> ratio {pre['ratio']:.3f} (target <= 1.05)",
-        f"prefill {pre['tokens']} tokens: zero NAMM {pre['namm_zeros_s']:.2f} s -> {pre['namm_zeros_ratio']:.3f}x "
+        f"prefill {pre['tokens']} tokens: zero NAMM (BAM) {pre['namm_zeros_s']:.2f} s -> {pre['namm_zeros_ratio']:.3f}x "
         f"full (target <= 1.3)",
+        f"prefill {pre['tokens']} tokens: zero NAMM (MLP 8) {pre['namm_zeros_mlp_s']:.2f} s -> "
+        f"{pre['namm_zeros_mlp_ratio']:.3f}x full (target <= 1.3)",
         f"{cfg['decode_context']} tokens of context, then {cfg['decode_tokens']} decoded; eviction budget "
         f"{cfg['budget']} (decode target >= 1.5x), NAMM at {cfg['namm_fraction']} (prefill target <= 1.0x):",
         f"{'policy':<10} {'prefill s':>9} {'vs full':>8} {'tok/s':>7} {'speedup':>8} {'KV peak/full':>13} "
