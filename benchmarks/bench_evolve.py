@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import namm
-from namm.evolve.fitness import LoglikScorer, tokenize_samples
+from namm.evolve.fitness import AnswerScorer, tokenize_samples
 from namm.evolve.proxy import ProxyScorer
 from namm.policies.namm.checkpoint import load_namm_checkpoint, zeros_checkpoint
 from namm.tasks.registry import get_task
@@ -71,7 +71,7 @@ def main() -> None:
     proxy.members(params, prompts)
     proxy_s = time.perf_counter() - start
 
-    real = LoglikScorer(model, tokenizer, policy, progress=False)
+    real = AnswerScorer(model, tokenizer, policy, progress=False)
     start = time.perf_counter()
     real.members(params, prompts[: args.real_prompts])
     real_s = (time.perf_counter() - start) * args.prompts / args.real_prompts

@@ -5,7 +5,7 @@
 
 Two member sets, each scored on the same held-in prompts of the run's training pool (at most
 ``max-length`` tokens, spread over its tasks) by the proxy and by real progressive eviction with the
-answer teacher-forced (``LoglikScorer``), in budget mode at ``budget``:
+answer teacher-forced (``AnswerScorer``), in budget mode at ``budget``:
 
 * ``cmaes``: a population drawn from the run's current CMA-ES state (what the proxy must rank
   during the campaign);
@@ -25,7 +25,7 @@ import torch
 
 import namm
 from namm.evolve.cmaes import CMAES
-from namm.evolve.fitness import LoglikScorer
+from namm.evolve.fitness import AnswerScorer
 from namm.evolve.proxy import ProxyScorer
 from namm.evolve.trainer import Trainer, build_policy, load_run_config
 
@@ -67,7 +67,7 @@ def main() -> None:
     sets = {"cmaes": state.ask()[: args.members],
             "random": torch.randn(args.members, policy.num_params, generator=torch.Generator().manual_seed(1))}
     proxy = ProxyScorer(model, policy, progress=False)
-    real = LoglikScorer(model, tokenizer, policy, progress=False)
+    real = AnswerScorer(model, tokenizer, policy, progress=False)
     full_proxy, full_real = proxy.full(prompts), real.full(prompts)
     result = {"run": str(args.run), "generation": state.generation, "budget": args.budget,
               "prompts": [p.key for p in prompts], "prompt_tokens": [len(p.token_ids) for p in prompts], "sets": {}}

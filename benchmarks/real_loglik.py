@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import namm
-from namm.evolve.fitness import loglik_fitness, teacher_forced_loglik, tokenize_samples
+from namm.evolve.fitness import answer_fitness, teacher_forced_scores, tokenize_samples
 from namm.tasks import get_task
 
 TRAINING_TASKS = "niah_multikey,niah_multivalue,kv_retrieval,variable_tracking,passage_retrieval"
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     task_of = torch.tensor([p.task for p in prompts])
 
     def loglik(policy) -> tuple[torch.Tensor, float]:
-        values = [teacher_forced_loglik(model, policy, [prompt])[0] for prompt in prompts]
+        values = [teacher_forced_scores(model, policy, [prompt])[0] for prompt in prompts]
         return torch.tensor([v for v, _ in values]), sum(f for _, f in values) / len(values)
 
     start = time.perf_counter()
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         contenders.update({name: namm.make_policy(name, budget=budget) for name in args.baselines.split(",") if name})
         for name, policy in contenders.items():
             values, cache = loglik(policy)
-            fitness = float(loglik_fitness(values[None], full, task_of)[0])
+            fitness = float(answer_fitness(values[None], full, task_of)[0])
             per_task = [float((values - full)[task_of == t].mean()) for t in range(len(tasks))]
             result["rows"].append({"budget": budget, "policy": name, "fitness": fitness, "cache_fraction": cache,
                                    "per_task": dict(zip(tasks, per_task)), "loglik": values.tolist()})

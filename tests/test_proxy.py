@@ -11,7 +11,8 @@ import torch
 
 import namm
 import namm.evolve.proxy as proxy
-from namm.evolve.fitness import LoglikScorer, loglik_fitness, teacher_forced_loglik, tokenize_samples
+from namm.evolve.fitness import (MARGIN_CLIP, AnswerScorer, answer_fitness, answer_statistic, teacher_forced_scores,
+                                 tokenize_samples)
 from namm.evolve.proxy import ProxyScorer, record_prompt, replay
 from namm.evolve.threshold import calibrate_threshold, mean_fraction
 from namm.evolve.trainer import EvolveConfig, Trainer
@@ -39,16 +40,36 @@ def random_params(policy, n: int, seed: int = 0, scale: float = 0.5) -> torch.Te
     return torch.randn(n, policy.num_params, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-def test_loglik_fitness_on_a_hand_made_example():
+def test_answer_fitness_on_a_hand_made_example():
     loglik = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, -0.5]])
     full = torch.tensor([-1.0, -1.0, -1.0])
     tasks = torch.tensor([0, 0, 1])
     # member 0: task 0 gaps (0, -1) -> -0.5, task 1 gap 0.5 -> mean 0.0; member 1: (-2, 0) -> -1, 0.5 -> -0.25
-    torch.testing.assert_close(loglik_fitness(loglik, full, tasks), torch.tensor([0.0, -0.25], dtype=torch.float64))
+    torch.testing.assert_close(answer_fitness(loglik, full, tasks), torch.tensor([0.0, -0.25], dtype=torch.float64))
     fraction = torch.tensor([[0.5, 0.5, 0.5], [0.2, 0.2, 0.2]])
-    with_memory = loglik_fitness(loglik, full, tasks, fraction, namm.evolve.fitness.MemoryTerm(0.3, 2.0))
+    with_memory = answer_fitness(loglik, full, tasks, fraction, namm.evolve.fitness.MemoryTerm(0.3, 2.0))
     torch.testing.assert_close(with_memory, torch.tensor([-0.4, -0.25], dtype=torch.float64))
-    assert loglik_fitness(full[None], full, tasks).item() == 0.0  # the full cache scores exactly 0
+    assert answer_fitness(full[None], full, tasks).item() == 0.0  # the full cache scores exactly 0
+
+
+def test_answer_statistics_on_a_hand_made_example():
+    # two answer tokens over a vocabulary of 3; row 0: greedy emits both, row 1:
+    # the second token loses to token 0 by 0.5, row 2: the first token is far behind (clipped)
+    logp = torch.log(torch.tensor([
+        [[0.1, 0.2, 0.7], [0.2, 0.6, 0.2]],
+        [[0.2, 0.1, 0.7], [0.5, 0.3, 0.2]],
+        [[0.999, 1e-9, 0.001 - 1e-9], [0.3, 0.4, 0.3]],
+    ]))
+    answer = torch.tensor([2, 1])
+    torch.testing.assert_close(answer_statistic(logp, answer, "loglik"),
+                               torch.stack([logp[r, [0, 1], [2, 1]].mean() for r in range(3)]))
+    margin = answer_statistic(logp * 1.0, answer, "margin")
+    expected = torch.tensor([min(math.log(0.7 / 0.2), math.log(0.6 / 0.2)), math.log(0.3 / 0.5), -MARGIN_CLIP])
+    torch.testing.assert_close(margin, expected)
+    assert (margin > 0).tolist() == [True, False, False]  # positive exactly when greedy emits the answer
+    assert answer_statistic(10 * torch.eye(3)[[2, 1]], answer, "margin") == MARGIN_CLIP  # clipped above
+    with pytest.raises(ValueError, match="unknown answer statistic 'mean'"):
+        answer_statistic(logp, answer, "mean")
 
 
 @pytest.mark.parametrize("prompt, answers, reference", [
@@ -66,25 +87,26 @@ def test_proxy_of_the_zero_namm_gives_the_full_cache_values(tiny):
     prompts = prompts_of(tiny, 300)
     policy = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=N_UP)
     scorer = ProxyScorer(model, policy, progress=False)
-    real = teacher_forced_loglik(model, namm.make_policy("full"), prompts)
+    real = teacher_forced_scores(model, namm.make_policy("full"), prompts)
     torch.testing.assert_close(scorer.full(prompts), torch.tensor([r[0] for r in real]), rtol=0, atol=1e-5)
     zero = scorer.members(torch.zeros(3, policy.num_params), prompts)
     torch.testing.assert_close(zero.scores, scorer.full(prompts).expand(3, -1), rtol=0, atol=1e-5)
     assert bool((zero.cache_fraction == 1).all())
 
 
-@pytest.mark.parametrize("scorer, budget", [("mlp", None), ("bam", None), ("mlp", 0.3), ("bam", 0.3)])
-def test_proxy_is_exact_when_the_prompt_sees_one_update(tiny, scorer, budget):
+@pytest.mark.parametrize("scorer, budget, statistic", [("mlp", None, "loglik"), ("bam", None, "loglik"),
+                                                       ("mlp", 0.3, "loglik"), ("bam", 0.3, "margin")])
+def test_proxy_is_exact_when_the_prompt_sees_one_update(tiny, scorer, budget, statistic):
     """Before the first update nothing was evicted, so recorded features and keys are the real ones."""
     model, _ = tiny
     prompts = prompts_of(tiny, 300)  # one update at 256 tokens, the continuation ends before 512
     policy = namm.make_policy("namm", checkpoint="zeros", scorer=scorer, n_up=256)
     policy.set_budget(budget)
     params = random_params(policy, 4)
-    got = ProxyScorer(model, policy, progress=False).members(params, prompts)
+    got = ProxyScorer(model, policy, progress=False, statistic=statistic).members(params, prompts)
     policy.set_population(params)
     for i, p in enumerate(prompts):
-        real = teacher_forced_loglik(model, policy, [p] * len(params))
+        real = teacher_forced_scores(model, policy, [p] * len(params), statistic=statistic)
         torch.testing.assert_close(got.scores[:, i], torch.tensor([r[0] for r in real]), rtol=0, atol=1e-5)
     policy.set_population(None)
     assert got.cache_fraction.unique().numel() > 1 or budget is not None  # members really differ
@@ -128,14 +150,14 @@ def test_full_cache_references_are_computed_once(tiny, monkeypatch):
     model, tokenizer = tiny
     prompts = prompts_of(tiny, 300)
     calls = []
-    original = proxy.continuation_loglik
-    monkeypatch.setattr(proxy, "continuation_loglik", lambda m, rec, held, **kw: calls.append(held) or original(
+    original = proxy.continuation_scores
+    monkeypatch.setattr(proxy, "continuation_scores", lambda m, rec, held, **kw: calls.append(held) or original(
         m, rec, held, **kw))
     scorer = ProxyScorer(model, namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=N_UP), progress=False)
     first = scorer.full(prompts)
     assert torch.equal(scorer.full(prompts), first) and len(calls) == len(prompts)
     assert len(scorer.records) == len(prompts)
-    real = LoglikScorer(model, tokenizer, namm.make_policy("namm", checkpoint="zeros", n_up=N_UP), progress=False)
+    real = AnswerScorer(model, tokenizer, namm.make_policy("namm", checkpoint="zeros", n_up=N_UP), progress=False)
     runs = []
     monkeypatch.setattr(real, "_run", lambda ps, pol: runs.append(len(ps)) or [(-1.0, 1.0)] * len(ps))
     real.full(prompts)
@@ -181,7 +203,7 @@ def test_budget_mode_evolution_resumes_exactly_and_records_its_mode(tiny, tmp_pa
 
 def test_bad_evolution_settings_are_refused():
     common = dict(model="tiny", tasks=["passkey"], length=600, generations=1)
-    with pytest.raises(ValueError, match="use --fitness loglik"):
+    with pytest.raises(ValueError, match="use --fitness loglik or margin"):
         EvolveConfig(**common, fitness="task", evaluator="proxy")
     with pytest.raises(ValueError, match="--budgets must be"):
         EvolveConfig(**common, budgets=[0.6, 0.2])

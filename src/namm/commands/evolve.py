@@ -35,14 +35,16 @@ def add_parser(sub) -> None:
     p.add_argument("--tasks", help="comma-separated training tasks (see `namm eval --help` for names)")
     p.add_argument("--length", help="prompt length(s) of the training tasks in tokens, comma-separated for a "
                                      "curriculum over lengths (each task's pool is spread evenly over them)")
-    p.add_argument("--fitness", choices=["loglik", "task"], default="loglik",
+    p.add_argument("--fitness", choices=["loglik", "margin", "task"], default="loglik",
                    help="loglik (default): mean log-probability of the reference answer, teacher-forced, minus "
-                        "the full cache's on the same prompt (dense); task: the task metric / full cache's "
-                        "(the paper's, 0/1 on short answers)")
+                        "the full cache's on the same prompt (dense); margin: the answer's weakest token, "
+                        "log p(reference) minus the best other token's, clipped to +-3 nats, minus the full "
+                        "cache's (positive when greedy decoding emits the answer: follows exact match); task: the "
+                        "task metric / full cache's (the paper's, 0/1 on short answers)")
     p.add_argument("--evaluator", choices=["proxy", "real"], default="proxy",
                    help="proxy (default): replay the update schedule on features and keys recorded once per "
                         "prompt, then one forward of the prompt's last tokens and the answer per member (loglik "
-                        "only); real: real progressive eviction for every member")
+                        "and margin only); real: real progressive eviction for every member")
     p.add_argument("--budgets", metavar="LO,HI",
                    help="budget mode: each generation draws a memory budget in [LO, HI] and members keep their "
                         "top-scored tokens within it (one checkpoint for a range of budgets); default: threshold mode")

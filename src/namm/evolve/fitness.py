@@ -1,10 +1,16 @@
-"""Fitness of NAMM parameter vectors: task scores normalised by the full-cache model.
+"""Fitness of NAMM parameter vectors (docs/algorithm.md §7).
 
-The fitness of a member is the mean over training tasks of (its mean score on the prompts of the
-generation) / (the full-cache model's mean score on the *same* prompts), minus an optional
-penalty when its mean cache fraction exceeds a target. All members of a generation see the same
-prompts (common random numbers); full-cache scores are computed once per prompt and cached.
-Members are scored in a batch: P members on one prompt in one ``generate`` call, each row
+Two families, both relative to the full-cache model on the *same* prompts:
+
+* answer statistics (``loglik``, ``margin``): a teacher-forced number per prompt computed from the
+  logits that predict its reference answer (:func:`answer_statistic`); the fitness is the member's
+  value minus the full cache's, averaged per task, then over tasks (:func:`answer_fitness`);
+* the task metric (``task``, the paper's): per task the member's mean score over the full cache's
+  (:func:`normalised_fitness`).
+
+Either can carry a penalty when the mean cache fraction exceeds a target. All members of a
+generation see the same prompts (common random numbers); full-cache values are computed once per
+prompt and cached. Members are scored in a batch: P members on one prompt in one call, each row
 with its own parameters (``policy.set_population``).
 """
 
@@ -93,14 +99,37 @@ def answer_ids(tokenizer, sample: Sample) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def loglik_fitness(
-    loglik: Tensor, full_loglik: Tensor, tasks: Tensor, cache_fraction: Tensor | None = None,
+ANSWER_STATISTICS = ("loglik", "margin")  # teacher-forced fitnesses (docs/algorithm.md §7)
+MARGIN_CLIP = 3.0  # nats: the margin statistic is clipped to [-MARGIN_CLIP, MARGIN_CLIP]
+
+
+def answer_statistic(logits: Tensor, answer: Tensor, statistic: str) -> Tensor:
+    """(...,) one number per row from (..., A, vocab) logits that predict the (A,) answer tokens.
+
+    ``"loglik"``: the mean log-probability of the answer tokens. ``"margin"``: the smallest, over
+    the answer tokens, of log p(reference token) minus the largest log-probability of any other
+    token, clipped to [-MARGIN_CLIP, MARGIN_CLIP]. It is positive exactly when greedy decoding
+    would emit the whole answer, so it follows exact match where a mean log-likelihood rewards
+    keeping parts of the answer."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    index = answer.to(logp.device).expand(*logp.shape[:-1])[..., None]
+    reference = logp.gather(-1, index)[..., 0]  # (..., A)
+    if statistic == "loglik":
+        return reference.mean(-1)
+    if statistic == "margin":
+        other = logp.scatter(-1, index, float("-inf")).amax(-1)
+        return (reference - other).amin(-1).clamp(-MARGIN_CLIP, MARGIN_CLIP)
+    raise ValueError(f"unknown answer statistic {statistic!r}; choose from {', '.join(ANSWER_STATISTICS)}")
+
+
+def answer_fitness(
+    values: Tensor, full_values: Tensor, tasks: Tensor, cache_fraction: Tensor | None = None,
     memory: MemoryTerm | None = None,
 ) -> Tensor:
-    """(P,) fitness from (P, n) member answer log-likelihoods (mean log-probability per answer
-    token) and the (n,) full-cache values on the same prompts: per task the mean of member minus
-    full cache, then the mean over tasks, minus the memory penalty. The full cache scores 0."""
-    gaps = [(loglik[:, tasks == task].double() - full_loglik[tasks == task].double()).mean(1)
+    """(P,) fitness from (P, n) member answer statistics (:func:`answer_statistic`) and the (n,)
+    full-cache values on the same prompts: per task the mean of member minus full cache, then the
+    mean over tasks, minus the memory penalty. The full cache scores 0."""
+    gaps = [(values[:, tasks == task].double() - full_values[tasks == task].double()).mean(1)
             for task in torch.unique(tasks)]
     return with_memory_term(torch.stack(gaps).mean(0), cache_fraction, memory)
 
@@ -202,19 +231,24 @@ class PopulationScorer:
         return Scores(torch.tensor([[m[0] for m in merged]]), torch.tensor([[m[1] for m in merged]]))
 
 
-class LoglikScorer(PopulationScorer):
-    """Scores by the mean log-probability of each prompt's reference answer, teacher-forced under
-    real eviction (the prompt and the answer tokens go through the memory runtime, updates and all)."""
+class AnswerScorer(PopulationScorer):
+    """Scores by a teacher-forced statistic of each prompt's reference answer (``statistic``, see
+    :func:`answer_statistic`) under real eviction: the prompt and the answer tokens go through the
+    memory runtime, updates and all."""
+
+    def __init__(self, *args, statistic: str = "loglik", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.statistic = statistic
 
     def _run(self, prompts: list[TrainingPrompt], policy: MemoryPolicy) -> list[tuple[float, float]]:
-        return teacher_forced_loglik(self.model, policy, prompts, self.chunk_size)
+        return teacher_forced_scores(self.model, policy, prompts, self.chunk_size, self.statistic)
 
 
 @torch.inference_mode()
-def teacher_forced_loglik(model, policy: MemoryPolicy, prompts: list[TrainingPrompt],
-                          chunk_size: int = 128) -> list[tuple[float, float]]:
-    """(mean log-probability of the answer tokens, cache fraction at the end) of each prompt, one
-    batch row each, with ``policy`` managing the cache while the prompt and the answer are read."""
+def teacher_forced_scores(model, policy: MemoryPolicy, prompts: list[TrainingPrompt], chunk_size: int = 128,
+                          statistic: str = "loglik") -> list[tuple[float, float]]:
+    """(answer statistic, cache fraction at the end) of each prompt, one batch row each, with
+    ``policy`` managing the cache while the prompt and the answer are read."""
     rows = [torch.cat([p.token_ids, p.answer_ids[:-1]]) for p in prompts]
     longest = max(len(p.answer_ids) for p in prompts)
     runner = MemoryRunner(model, policy, len(rows), chunk_size=chunk_size)
@@ -226,7 +260,6 @@ def teacher_forced_loglik(model, policy: MemoryPolicy, prompts: list[TrainingPro
     counts = runner.cache.token_counts().cpu().double()
     out = []
     for b, p in enumerate(prompts):
-        A = len(p.answer_ids)
-        logp = torch.log_softmax(logits[b][-A:].float(), dim=-1).gather(-1, p.answer_ids.to(logits[b].device)[:, None])
-        out.append((float(logp.mean()), float(counts[:, b].mean() / runner.seen[b])))
+        value = answer_statistic(logits[b][-len(p.answer_ids):], p.answer_ids, statistic)
+        out.append((float(value), float(counts[:, b].mean() / runner.seen[b])))
     return out

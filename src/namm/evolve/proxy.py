@@ -8,7 +8,8 @@ values. A member then costs only
 * a replay of the progressive schedule: at each update its scorer scores the recorded features of
   the tokens it still holds and the NAMM selection (threshold or budget) decides which survive, and
 * one batched forward of the *continuation* (the prompt after ``U``, then the reference answer,
-  teacher-forced) over each member's surviving keys, giving the log-likelihood of the answer.
+  teacher-forced) over each member's surviving keys, giving the answer's statistic (mean
+  log-likelihood or margin, :func:`namm.evolve.fitness.answer_statistic`).
 
 The approximation: features and the keys of prompt tokens come from the full-cache run, where real
 eviction would compute them over an already reduced cache. The continuation itself runs over the
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from namm.evolve.distributed import Workers
-from namm.evolve.fitness import Scores, TrainingPrompt
+from namm.evolve.fitness import Scores, TrainingPrompt, answer_statistic
 
 from namm.memory.cache import compaction_index, gather_slots
 from namm.memory.driver import MemoryRunner, memory_attention_enabled
@@ -158,10 +159,11 @@ def replay(prompt: ProxyPrompt, namm: NAMMPolicy, params: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def continuation_loglik(model: PreTrainedModel, prompt: ProxyPrompt, held: Tensor | None,
-                        chunk_size: int = 512) -> Tensor:
-    """(P,) mean log-probability of the reference answer tokens, teacher-forced after the prompt,
-    for each row of ``held`` ((P, L, H, U) bool, the tokens each row keeps; None: all, one row)."""
+def continuation_scores(model: PreTrainedModel, prompt: ProxyPrompt, held: Tensor | None,
+                        chunk_size: int = 512, statistic: str = "loglik") -> Tensor:
+    """(P,) answer statistic (:func:`namm.evolve.fitness.answer_statistic`) of the reference answer,
+    teacher-forced after the prompt, for each row of ``held`` ((P, L, H, U) bool, the tokens each
+    row keeps; None: all, one row)."""
     L = prompt.num_layers
     H, U, _ = prompt.keys[0].shape
     if held is None:
@@ -180,10 +182,10 @@ def continuation_loglik(model: PreTrainedModel, prompt: ProxyPrompt, held: Tenso
     with memory_attention_enabled(model):
         logits = runner.feed([prompt.continuation] * P, all_logits=True, keep=A)
     tail = torch.stack([row[-A:] for row in logits])  # (P, A, vocab): the logits predicting the answer
-    logp = torch.log_softmax(tail, dim=-1).gather(-1, prompt.answer.to(tail.device).view(1, A, 1).expand(P, A, 1))
+    values = answer_statistic(tail, prompt.answer, statistic)
     del runner, layers, logits
     gc.collect()  # free the P reduced caches now (their layers and cache reference each other)
-    return logp.squeeze(-1).mean(-1).cpu()
+    return values.cpu()
 
 
 def held_fraction(held: Tensor) -> Tensor:
@@ -194,14 +196,15 @@ def held_fraction(held: Tensor) -> Tensor:
 
 
 class ProxyScorer:
-    """Scores NAMM parameter vectors with the proxy: answer log-likelihood (mean log-probability per
-    answer token) on training prompts, each prompt recorded once per run. Same interface as
+    """Scores NAMM parameter vectors with the proxy: an answer statistic (``statistic``: mean
+    log-likelihood or margin) on training prompts, each prompt recorded once per run. Same interface as
     :class:`namm.evolve.fitness.PopulationScorer`; the NAMM policy's current mode (threshold, or
     budget after ``set_budget``) drives the replayed selection."""
 
     def __init__(self, model: PreTrainedModel, policy: NAMMPolicy, workers: Workers | None = None,
-                 progress: bool = True):
+                 progress: bool = True, statistic: str = "loglik"):
         self.model, self.policy = model, policy
+        self.statistic = statistic
         self.workers = workers or Workers()
         self.progress = progress and self.workers.is_main
         self.records: dict[str, ProxyPrompt] = {}
@@ -215,7 +218,7 @@ class ProxyScorer:
         return [self.records[p.key] for p in prompts]
 
     def members(self, params: Tensor, prompts: list[TrainingPrompt], batched: bool = True) -> Scores:
-        """(P, n) answer log-likelihoods and cache fractions of every member on every prompt."""
+        """(P, n) answer statistics and cache fractions of every member on every prompt."""
         mine = params[self.workers.block(len(params))]
         scores = torch.zeros(len(mine), len(prompts))
         fraction = torch.ones(len(mine), len(prompts))
@@ -224,17 +227,17 @@ class ProxyScorer:
             for i, rec in enumerate(tqdm(records, desc="population", unit="prompt", disable=not self.progress,
                                          leave=False)):
                 held = replay(rec, self.policy, mine)
-                scores[:, i] = continuation_loglik(self.model, rec, held)
+                scores[:, i] = continuation_scores(self.model, rec, held, statistic=self.statistic)
                 fraction[:, i] = held_fraction(held)
         return Scores(self.workers.gather_blocks(scores), self.workers.gather_blocks(fraction))
 
     def vector(self, params: Tensor, prompts: list[TrainingPrompt], batch_size: int = 1) -> Scores:
-        """(1, n) answer log-likelihoods and cache fractions of one parameter vector."""
+        """(1, n) answer statistics and cache fractions of one parameter vector."""
         return self.members(params.reshape(1, -1), prompts)
 
     def full(self, prompts: list[TrainingPrompt], batch_size: int = 1) -> Tensor:
-        """(n,) full-cache answer log-likelihoods, computed once per prompt."""
+        """(n,) full-cache answer statistics, computed once per prompt."""
         for p, rec in zip(prompts, self.record(prompts)):
             if p.key not in self.full_cache:
-                self.full_cache[p.key] = float(continuation_loglik(self.model, rec, None)[0])
+                self.full_cache[p.key] = float(continuation_scores(self.model, rec, None, statistic=self.statistic)[0])
         return torch.tensor([self.full_cache[p.key] for p in prompts])

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from namm.evolve.cmaes import CMAES, CMAESConfig
 from namm.evolve.distributed import Workers
-from namm.evolve.fitness import (LoglikScorer, MemoryTerm, PopulationScorer, Scores, TrainingPrompt, loglik_fitness,
+from namm.evolve.fitness import (ANSWER_STATISTICS, AnswerScorer, MemoryTerm, PopulationScorer, Scores, TrainingPrompt, answer_fitness,
                                  normalised_fitness, tokenize_samples)
 from namm.evolve.log import TrainingLog
 
@@ -62,19 +62,19 @@ class EvolveConfig:
     hidden: list[int] | None = None  # hidden sizes of the "mlp" scorer (default: linear)
     batched: bool = True
     init_from: str | None = None
-    fitness: str = "task"  # "loglik" (answer log-likelihood vs full cache) or "task" (task metric ratio)
-    evaluator: str = "real"  # "proxy" (recorded once per prompt, loglik only) or "real" (real eviction)
+    fitness: str = "task"  # "loglik"/"margin" (answer statistic vs full cache) or "task" (task metric ratio)
+    evaluator: str = "real"  # "proxy" (recorded once per prompt, answer statistics only) or "real" (real eviction)
     budgets: list[float] | None = None  # budget mode: each generation draws a budget in [lo, hi]
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("at least one training task is needed")
-        if self.fitness not in ("loglik", "task"):
-            raise ValueError(f"--fitness must be 'loglik' or 'task', got {self.fitness!r}")
+        if self.fitness not in (*ANSWER_STATISTICS, "task"):
+            raise ValueError(f"--fitness must be one of {', '.join(ANSWER_STATISTICS)}, task; got {self.fitness!r}")
         if self.evaluator not in ("proxy", "real"):
             raise ValueError(f"--evaluator must be 'proxy' or 'real', got {self.evaluator!r}")
-        if self.evaluator == "proxy" and self.fitness != "loglik":
-            raise ValueError("the proxy evaluator scores answer log-likelihoods: use --fitness loglik")
+        if self.evaluator == "proxy" and self.fitness not in ANSWER_STATISTICS:
+            raise ValueError("the proxy evaluator scores teacher-forced answers: use --fitness loglik or margin")
         if self.budgets is not None:
             self.budgets = [float(b) for b in self.budgets]
             if len(self.budgets) != 2 or not 0 < self.budgets[0] <= self.budgets[1] <= 1:
@@ -220,16 +220,19 @@ class Trainer:
         if self.config.evaluator == "proxy":
             from namm.evolve.proxy import ProxyScorer
 
-            self.scorer = ProxyScorer(self.model, self.policy, self.workers, progress=self.progress)
+            self.scorer = ProxyScorer(self.model, self.policy, self.workers, progress=self.progress,
+                                      statistic=self.config.fitness)
+        elif self.config.fitness in ANSWER_STATISTICS:
+            self.scorer = AnswerScorer(self.model, self.tokenizer, self.policy, self.workers, progress=self.progress,
+                                       statistic=self.config.fitness)
         else:
-            kind = LoglikScorer if self.config.fitness == "loglik" else PopulationScorer
-            self.scorer = kind(self.model, self.tokenizer, self.policy, self.workers, progress=self.progress)
+            self.scorer = PopulationScorer(self.model, self.tokenizer, self.policy, self.workers, progress=self.progress)
         if self.config.evaluator == "real":  # proxy references differ from real ones: not carried over
             self.scorer.full_cache.update(self.state.full_cache)
 
     def fitness(self, scores, full, tasks) -> torch.Tensor:
         """(P,) fitness of (P, n) scores against the (n,) full-cache values (see ``config.fitness``)."""
-        combine = loglik_fitness if self.config.fitness == "loglik" else normalised_fitness
+        combine = answer_fitness if self.config.fitness in ANSWER_STATISTICS else normalised_fitness
         return combine(scores.scores, full, tasks, scores.cache_fraction, self.config.memory)
 
     def generation_budget(self, generation: int) -> float | None:
