@@ -11,8 +11,11 @@
 A validation check, not an evaluation: the prompts are fresh ones (another seed and length) of the
 tasks a campaign trains on. Every policy reads each prompt and its reference answer teacher-forced
 through the memory runtime (real progressive eviction, updates and all), and the score is the
-campaign's ``loglik`` fitness: the mean log-probability of the answer tokens minus the full
-cache's on the same prompt, averaged per task, then over tasks (0 = as good as the full cache).
+campaign's fitness (``--fitness``): by default ``loglik``, the mean log-probability of the answer
+tokens, or ``margin``, the answer's weakest token margin (positive when greedy decoding emits it),
+minus the full cache's on the same prompt, averaged per task, then over tasks (0 = as good as the
+full cache). ``--question-after-compression``: the query-agnostic protocol, the context compressed
+before the question is read.
 The NAMM runs in budget mode at each budget, every baseline at the same budget on its own default
 schedule. With several ``--checkpoint``s each NAMM row is named ``namm@<folder>``. Prints a table
 and (``--out``) writes the per-prompt values as JSON.
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 
 import namm
-from namm.evolve.fitness import answer_fitness, teacher_forced_scores, tokenize_samples
+from namm.evolve.fitness import ANSWER_STATISTICS, answer_fitness, teacher_forced_scores, tokenize_samples
 from namm.tasks import get_task
 
 TRAINING_TASKS = "niah_multikey,niah_multivalue,kv_retrieval,variable_tracking,passage_retrieval"
@@ -46,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=50)
     p.add_argument("--budgets", default="0.25,0.5")
     p.add_argument("--baselines", default=BASELINES, help="comma-separated baselines ('' for none)")
+    p.add_argument("--fitness", choices=ANSWER_STATISTICS, default="loglik",
+                   help="the answer statistic: loglik (mean log-probability) or margin (weakest token's margin)")
+    p.add_argument("--question-after-compression", action="store_true",
+                   help="query-agnostic: every policy compresses the context before the question is read")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -55,30 +62,32 @@ def main(argv: list[str] | None = None) -> None:
     tasks = args.tasks.split(",")
     samples = [(t, s) for t, name in enumerate(tasks)
                for s in get_task(name).samples(tokenizer, args.length, args.samples, seed=args.seed)]
-    prompts = tokenize_samples(tokenizer, model, samples)
+    prompts = tokenize_samples(tokenizer, model, samples, args.question_after_compression)
     task_of = torch.tensor([p.task for p in prompts])
 
-    def loglik(policy) -> tuple[torch.Tensor, float]:
-        values = [teacher_forced_scores(model, policy, [prompt])[0] for prompt in prompts]
+    def score(policy) -> tuple[torch.Tensor, float]:
+        values = [teacher_forced_scores(model, policy, [prompt], statistic=args.fitness)[0] for prompt in prompts]
         return torch.tensor([v for v, _ in values]), sum(f for _, f in values) / len(values)
 
     start = time.perf_counter()
-    full, _ = loglik(namm.make_policy("full"))
+    full, _ = score(namm.make_policy("full"))
     checkpoints = {("namm" if len(args.checkpoint) == 1 else f"namm@{Path(c).name}"): c for c in args.checkpoint}
-    result = {"checkpoint": args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint, "model": args.model, "tasks": tasks, "length": args.length,
-              "samples": args.samples, "seed": args.seed, "prompts": [p.key for p in prompts],
-              "full_loglik": full.tolist(), "rows": []}
+    result = {"checkpoint": args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint,
+              "model": args.model, "tasks": tasks, "length": args.length, "samples": args.samples, "seed": args.seed,
+              "fitness": args.fitness,
+              "protocol": "query-agnostic" if args.question_after_compression else "query-aware",
+              "prompts": [p.key for p in prompts], "full_values": full.tolist(), "rows": []}
     width = max(10, *map(len, checkpoints))
     print(f"{'budget':>6} {'policy':>{width}} {'fitness':>8} {'cache':>6}  per task")
     for budget in [float(b) for b in args.budgets.split(",")]:
         contenders = {label: namm.make_policy("namm", checkpoint=c, budget=budget) for label, c in checkpoints.items()}
         contenders.update({name: namm.make_policy(name, budget=budget) for name in args.baselines.split(",") if name})
         for name, policy in contenders.items():
-            values, cache = loglik(policy)
+            values, cache = score(policy)
             fitness = float(answer_fitness(values[None], full, task_of)[0])
             per_task = [float((values - full)[task_of == t].mean()) for t in range(len(tasks))]
             result["rows"].append({"budget": budget, "policy": name, "fitness": fitness, "cache_fraction": cache,
-                                   "per_task": dict(zip(tasks, per_task)), "loglik": values.tolist()})
+                                   "per_task": dict(zip(tasks, per_task)), "values": values.tolist()})
             print(f"{budget:>6.2f} {name:>{width}} {fitness:>8.3f} {cache:>6.3f}  "
                   + " ".join(f"{v:.2f}" for v in per_task), flush=True)
     result["seconds"] = time.perf_counter() - start

@@ -112,6 +112,31 @@ def test_proxy_is_exact_when_the_prompt_sees_one_update(tiny, scorer, budget, st
     assert got.cache_fraction.unique().numel() > 1 or budget is not None  # members really differ
 
 
+@pytest.mark.parametrize("statistic", ["loglik", "margin"])
+def test_query_agnostic_proxy_matches_real_eviction(tiny, statistic):
+    """Query-agnostic prompts: the context is compressed at its end, before the question is read;
+    with one update (the forced one) the proxy gives real eviction's values exactly."""
+    model, tokenizer = tiny
+    samples = [(0, s) for s in get_task("passkey").samples(tokenizer, 250, 2, seed=3)]
+    prompts = tokenize_samples(tokenizer, model, samples, query_agnostic=True)
+    for p, (_, sample) in zip(prompts, samples):
+        assert p.context_tokens == len(tokenizer(sample.context).input_ids) < len(p.token_ids)
+    policy = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=256, budget=0.3)
+    params = random_params(policy, 3)
+    got = ProxyScorer(model, policy, progress=False, statistic=statistic).members(params, prompts)
+    assert bool((got.cache_fraction < 0.35).all()), "the context was compressed although no n_up boundary was crossed"
+    policy.set_population(params)
+    for i, p in enumerate(prompts):
+        real = teacher_forced_scores(model, policy, [p] * len(params), statistic=statistic)
+        torch.testing.assert_close(got.scores[:, i], torch.tensor([r[0] for r in real]), rtol=0, atol=1e-5)
+    policy.set_population(None)
+    aware = tokenize_samples(tokenizer, model, samples)
+    assert teacher_forced_scores(model, policy, aware[:1])[0][1] == 1.0  # query-aware: no update before 256
+    with pytest.raises(ValueError, match="carries no separate question"):
+        tokenize_samples(tokenizer, model, [(0, Sample("x", "no question here", ["a"], 4, "string_match_all"))],
+                         query_agnostic=True)
+
+
 def test_replay_keeps_what_real_eviction_keeps_at_the_first_update(tiny):
     model, _ = tiny
     p = prompts_of(tiny, 300, n=1)[0]
@@ -199,6 +224,20 @@ def test_budget_mode_evolution_resumes_exactly_and_records_its_mode(tiny, tmp_pa
     best = load_namm_checkpoint(tmp_path / "a" / "best")
     assert best.config["selection"]["mode"] == "budget" and best.config["selection"]["budgets"] == [0.2, 0.6]
     assert best.provenance["fitness"] == "loglik" and best.provenance["evaluator"] == "proxy"
+
+
+def test_query_agnostic_margin_evolution_records_its_protocol(tiny, tmp_path):
+    model, tokenizer = tiny
+    config = EvolveConfig(model="tiny", tasks=["passkey"], length=250, generations=1, prompts_per_task=1,
+                          train_prompts=1, population=4, separable=True, eval_every=1, n_up=128, scorer="mlp",
+                          fitness="margin", evaluator="proxy", budgets=[0.3, 0.3], question_after_compression=True)
+    trainer = Trainer(config, tmp_path / "run", model, tokenizer, progress=False)
+    trainer.start()
+    assert trainer.pool[0].context_tokens is not None
+    trainer.run()
+    best = load_namm_checkpoint(tmp_path / "run" / "best")
+    assert best.provenance["protocol"] == "query-agnostic" and best.provenance["fitness"] == "margin"
+    assert -2 * MARGIN_CLIP <= best.provenance["mean_fitness"] <= 2 * MARGIN_CLIP
 
 
 def test_bad_evolution_settings_are_refused():

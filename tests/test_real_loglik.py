@@ -30,7 +30,7 @@ def test_real_loglik_scores_namm_and_baselines_at_each_budget(tmp_path, capsys):
     for r in result["rows"]:
         assert math.isfinite(r["fitness"]) and r["fitness"] < 0, "eviction costs likelihood on a random model"
         assert abs(r["cache_fraction"] - r["budget"]) < 0.1
-        gaps = [v - f for v, f in zip(r["loglik"], result["full_loglik"])]
+        gaps = [v - f for v, f in zip(r["values"], result["full_values"])]
         assert math.isclose(r["fitness"], sum(gaps) / len(gaps), rel_tol=1e-6), "one prompt per task: the mean gap"
     assert "streaming" in capsys.readouterr().out
 
@@ -50,4 +50,4 @@ def test_real_loglik_compares_several_candidates(tmp_path):
                  "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["policy"] for r in rows] == ["namm@zeros", "namm@gen-0010"]
-    assert rows[0]["loglik"] != rows[1]["loglik"], "a different NAMM keeps different tokens"
+    assert rows[0]["values"] != rows[1]["values"], "a different NAMM keeps different tokens"

@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
     p.add_argument("--budgets", metavar="LO,HI",
                    help="budget mode: each generation draws a memory budget in [LO, HI] and members keep their "
                         "top-scored tokens within it (one checkpoint for a range of budgets); default: threshold mode")
+    p.add_argument("--question-after-compression", action="store_true",
+                   help="query-agnostic training, as `namm eval --question-after-compression` evaluates: each "
+                        "prompt's context is compressed before its question is read (tasks must separate the question)")
     p.add_argument("--hidden", metavar="N[,N...]", help="hidden layer sizes of the mlp scorer (default: linear)")
     p.add_argument("--prompts-per-task", type=int, default=8, help="prompts per task per generation (default 8)")
     p.add_argument("--train-prompts", type=int, default=None,
@@ -112,7 +115,7 @@ def config_from_args(args: argparse.Namespace):
         elite=args.elite, sigma0=args.sigma0, separable=args.separable, eval_every=args.eval_every,
         eval_batch_size=args.eval_batch_size, seed=args.seed, memory_target=args.memory_target,
         memory_weight=args.memory_weight, n_up=args.n_up, scorer=args.scorer, batched=not args.one_by_one,
-        init_from=args.init_from,
+        init_from=args.init_from, question_after_compression=args.question_after_compression,
     )
 
 

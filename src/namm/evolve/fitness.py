@@ -39,6 +39,7 @@ class TrainingPrompt:
     sample: Sample
     token_ids: Tensor
     answer_ids: Tensor | None = None  # the reference continuation's tokens (teacher-forced fitness)
+    context_tokens: int | None = None  # query-agnostic: the first tokens, compressed before the rest is read
 
     @property
     def key(self) -> str:
@@ -134,11 +135,25 @@ def answer_fitness(
     return with_memory_term(torch.stack(gaps).mean(0), cache_fraction, memory)
 
 
-def tokenize_samples(tokenizer, model, samples: list[tuple[int, Sample]]) -> list[TrainingPrompt]:
+def tokenize_samples(tokenizer, model, samples: list[tuple[int, Sample]],
+                     query_agnostic: bool = False) -> list[TrainingPrompt]:
     """Token ids (and reference answer ids) for (task index, sample) pairs, checked against the
-    model's context."""
-    ids = tokenize_prompts(tokenizer, [s.prompt for _, s in samples], model_context(model))
-    return [TrainingPrompt(task, sample, tok, answer_ids(tokenizer, sample)) for (task, sample), tok in zip(samples, ids)]
+    model's context. ``query_agnostic``: each prompt is its context then its question, tokenized
+    apart as :func:`namm.generate` does with ``question=``, and the context length is recorded so
+    that the memory compresses the context before the question is read."""
+    context = model_context(model)
+    if not query_agnostic:
+        ids = tokenize_prompts(tokenizer, [s.prompt for _, s in samples], context)
+        return [TrainingPrompt(task, sample, tok, answer_ids(tokenizer, sample))
+                for (task, sample), tok in zip(samples, ids)]
+    missing = [s.id for _, s in samples if s.question is None]
+    if missing:
+        raise ValueError(f"sample {missing[0]} carries no separate question, which query-agnostic training needs")
+    contexts = tokenize_prompts(tokenizer, [s.context for _, s in samples], context, what="context")
+    questions = tokenize_prompts(tokenizer, [s.question for _, s in samples], context, add_special_tokens=False,
+                                 what="question")
+    return [TrainingPrompt(task, sample, torch.cat([c, q]), answer_ids(tokenizer, sample), context_tokens=len(c))
+            for (task, sample), c, q in zip(samples, contexts, questions)]
 
 
 @dataclass
@@ -248,15 +263,26 @@ class AnswerScorer(PopulationScorer):
 def teacher_forced_scores(model, policy: MemoryPolicy, prompts: list[TrainingPrompt], chunk_size: int = 128,
                           statistic: str = "loglik") -> list[tuple[float, float]]:
     """(answer statistic, cache fraction at the end) of each prompt, one batch row each, with
-    ``policy`` managing the cache while the prompt and the answer are read."""
+    ``policy`` managing the cache while the prompt and the answer are read. Query-agnostic prompts
+    (all or none of them): the context is read and compressed, then the question and the answer
+    are read with updates held, as :func:`namm.generate` does with ``question=``."""
+    agnostic = {p.context_tokens is not None for p in prompts}
+    if len(agnostic) != 1:
+        raise ValueError("prompts of one batch must all be query-agnostic or all query-aware")
     rows = [torch.cat([p.token_ids, p.answer_ids[:-1]]) for p in prompts]
+    cut = [p.context_tokens if p.context_tokens is not None else len(r) for p, r in zip(prompts, rows)]
     longest = max(len(p.answer_ids) for p in prompts)
     runner = MemoryRunner(model, policy, len(rows), chunk_size=chunk_size)
     with memory_attention_enabled(model):
-        shared = runner.shareable(rows)
+        heads = [r[:c] for r, c in zip(rows, cut)]
+        shared = runner.shareable(heads)
         if shared:
-            runner.feed_shared(rows[0][:shared])
-        logits = runner.feed([r[shared:] for r in rows], all_logits=True, keep=longest)
+            runner.feed_shared(heads[0][:shared])
+        logits = runner.feed([h[shared:] for h in heads], all_logits=True, keep=longest)
+        if agnostic == {True}:
+            runner.end_context()
+            with runner.updates_held():
+                logits = runner.feed([r[c:] for r, c in zip(rows, cut)], all_logits=True, keep=longest)
     counts = runner.cache.token_counts().cpu().double()
     out = []
     for b, p in enumerate(prompts):

@@ -1,7 +1,8 @@
 """The proxy evaluator: NAMM members scored on data recorded once per prompt (docs/algorithm.md §8).
 
 Once per training prompt and run, the full-cache model reads the prompt up to its last memory
-update ``U`` (the largest multiple of ``n_up`` before the last prompt token). At every update it
+update ``U``: the largest multiple of ``n_up`` before the last prompt token or, for a
+query-agnostic prompt, the end of its context (where every policy compresses before the question). At every update it
 records the normalised NAMM features of every cached token, and at the end every layer's keys and
 values. A member then costs only
 
@@ -72,7 +73,7 @@ class ProxyPrompt:
     key: str
     task: int
     seen: int  # U: tokens read before the continuation (the last update point)
-    features: list[Tensor]  # per update at n_up, 2 n_up, ..., U: (L, H, K_u, dim) float32
+    features: list[Tensor]  # per update at n_up, 2 n_up, ... and U: (L, H, K_u, dim) float32
     keys: list[Tensor]  # per layer: (H, U, D) full-cache keys
     values: list[Tensor]  # per layer: (H, U, D)
     continuation: Tensor  # prompt tokens after U, then the answer without its last token
@@ -91,10 +92,12 @@ def last_update_point(prompt_tokens: int, n_up: int) -> int:
 
 @torch.inference_mode()
 def record_prompt(model: PreTrainedModel, namm: NAMMPolicy, prompt_ids: Tensor, answer_ids: Tensor, key: str,
-                  task: int, chunk_size: int = 128) -> ProxyPrompt:
+                  task: int, chunk_size: int = 128, context_tokens: int | None = None) -> ProxyPrompt:
     """Run the full-cache model over ``prompt_ids`` up to its last update point, recording the
-    features at every update and the keys and values at the end."""
-    seen = last_update_point(len(prompt_ids), namm.n_up)
+    features at every update and the keys and values at the end. With ``context_tokens``
+    (query-agnostic) the last update point is the end of the context, compressed there whatever
+    the schedule, and the question is part of the continuation."""
+    seen = last_update_point(len(prompt_ids), namm.n_up) if context_tokens is None else context_tokens
     if seen == 0:
         raise ValueError(f"prompt {key} has {len(prompt_ids)} tokens: it needs more than n_up = {namm.n_up} "
                          f"to see a memory update")
@@ -108,6 +111,8 @@ def record_prompt(model: PreTrainedModel, namm: NAMMPolicy, prompt_ids: Tensor, 
     runner = MemoryRunner(model, recorder, 1, chunk_size=chunk_size)
     with memory_attention_enabled(model):
         runner.feed([prompt_ids[:seen]])
+        if context_tokens is not None:
+            runner.end_context()
     layers = runner.cache.layers
     expected = torch.arange(seen, device=layers[0].positions.device)
     if any(not bool((layer.positions[0] == expected).all()) for layer in layers):
@@ -214,7 +219,8 @@ class ProxyScorer:
         """The recorded data of each prompt (recorded now where missing)."""
         todo = [p for p in prompts if p.key not in self.records]
         for p in tqdm(todo, desc="record prompts", unit="prompt", disable=not self.progress or not todo, leave=False):
-            self.records[p.key] = record_prompt(self.model, self.policy, p.token_ids, p.answer_ids, p.key, p.task)
+            self.records[p.key] = record_prompt(self.model, self.policy, p.token_ids, p.answer_ids, p.key, p.task,
+                                                context_tokens=p.context_tokens)
         return [self.records[p.key] for p in prompts]
 
     def members(self, params: Tensor, prompts: list[TrainingPrompt], batched: bool = True) -> Scores:

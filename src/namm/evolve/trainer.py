@@ -65,6 +65,7 @@ class EvolveConfig:
     fitness: str = "task"  # "loglik"/"margin" (answer statistic vs full cache) or "task" (task metric ratio)
     evaluator: str = "real"  # "proxy" (recorded once per prompt, answer statistics only) or "real" (real eviction)
     budgets: list[float] | None = None  # budget mode: each generation draws a budget in [lo, hi]
+    question_after_compression: bool = False  # query-agnostic: compress each context before its question
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -164,7 +165,7 @@ class Trainer:
                 count = self.config.train_prompts // len(lengths) + (j < self.config.train_prompts % len(lengths))
                 if count:
                     samples += [(t, s) for s in task.samples(self.tokenizer, length, count, seed=self.config.seed)]
-        return tokenize_samples(self.tokenizer, self.model, samples)
+        return tokenize_samples(self.tokenizer, self.model, samples, self.config.question_after_compression)
 
     def start(self) -> None:
         """Fresh stage: calibrate (or inherit) the normalisation, build or inherit CMA-ES, save."""
@@ -253,7 +254,8 @@ class Trainer:
                 "generation": generation, "mean_fitness": fitness, "population": self.config.population,
                 "separable": self.config.separable, "seed": self.config.seed, "trainer": "namm evolve",
                 "fitness": self.config.fitness, "evaluator": self.config.evaluator, "mode": self.config.mode,
-                "budgets": self.config.budgets}
+                "budgets": self.config.budgets,
+                "protocol": "query-agnostic" if self.config.question_after_compression else "query-aware"}
 
     # ---- the loop ------------------------------------------------------------------------
 
