@@ -5,7 +5,7 @@
         [--length 2048] [--samples 4] [--seed 50] [--budgets 0.25,0.5] [--out docs/results/real-loglik.json]
 
     # choose among a campaign's candidates (every evaluated CMA-ES mean is kept in means/):
-    python benchmarks/real_loglik.py --checkpoint runs/R/means/gen-0150 --checkpoint runs/R/means/gen-0200 \
+    python benchmarks/real_loglik.py --checkpoint runs/R/means/gen-0150 --checkpoint runs/R/means/gen-0200 \\
         --baselines streaming
 
 A validation check, not an evaluation: the prompts are fresh ones (another seed and length) of the
@@ -15,7 +15,9 @@ campaign's fitness (``--fitness``): by default ``loglik``, the mean log-probabil
 tokens, or ``margin``, the answer's weakest token margin (positive when greedy decoding emits it),
 minus the full cache's on the same prompt, averaged per task, then over tasks (0 = as good as the
 full cache). ``--question-after-compression``: the query-agnostic protocol, the context compressed
-before the question is read.
+before the question is read. Every row also reports ``exact``, how many prompts greedy decoding
+would answer exactly (every answer token the argmax), and ``accuracy``, the share of answer tokens
+that are.
 The NAMM runs in budget mode at each budget, every baseline at the same budget on its own default
 schedule. With several ``--checkpoint``s each NAMM row is named ``namm@<folder>``. Prints a table
 and (``--out``) writes the per-prompt values as JSON.
@@ -31,11 +33,20 @@ from pathlib import Path
 import torch
 
 import namm
-from namm.evolve.fitness import ANSWER_STATISTICS, answer_fitness, teacher_forced_scores, tokenize_samples
+from namm.evolve.fitness import (ANSWER_STATISTICS, answer_fitness, answer_statistic, teacher_forced_logits,
+                                 tokenize_samples)
 from namm.tasks import get_task
 
 TRAINING_TASKS = "niah_multikey,niah_multivalue,kv_retrieval,variable_tracking,passage_retrieval"
 BASELINES = "recency,streaming,h2o,tova"
+STATISTICS = (*ANSWER_STATISTICS, "accuracy")
+
+
+def summary(stats: dict[str, torch.Tensor]) -> dict:
+    """Mean of each statistic over the prompts, and ``exact``: how many prompts greedy decoding
+    would answer exactly (every answer token the argmax: a positive margin)."""
+    return {**{f"mean_{name}": float(v.mean()) for name, v in stats.items()},
+            "accuracy": float(stats["accuracy"].mean()), "exact": int((stats["margin"] > 0).sum())}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,31 +76,40 @@ def main(argv: list[str] | None = None) -> None:
     prompts = tokenize_samples(tokenizer, model, samples, args.question_after_compression)
     task_of = torch.tensor([p.task for p in prompts])
 
-    def score(policy) -> tuple[torch.Tensor, float]:
-        values = [teacher_forced_scores(model, policy, [prompt], statistic=args.fitness)[0] for prompt in prompts]
-        return torch.tensor([v for v, _ in values]), sum(f for _, f in values) / len(values)
+    def score(policy) -> tuple[dict[str, torch.Tensor], float]:
+        """Per statistic, the (n,) values of every prompt; and the mean cache fraction."""
+        runs = [teacher_forced_logits(model, policy, [prompt])[0] for prompt in prompts]
+        stats = {name: torch.tensor([float(answer_statistic(logits, p.answer_ids, name))
+                                     for p, (logits, _) in zip(prompts, runs)]) for name in STATISTICS}
+        return stats, sum(f for _, f in runs) / len(runs)
 
     start = time.perf_counter()
-    full, _ = score(namm.make_policy("full"))
+    full_stats, _ = score(namm.make_policy("full"))
+    full = full_stats[args.fitness]
     checkpoints = {("namm" if len(args.checkpoint) == 1 else f"namm@{Path(c).name}"): c for c in args.checkpoint}
     result = {"checkpoint": args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint,
               "model": args.model, "tasks": tasks, "length": args.length, "samples": args.samples, "seed": args.seed,
               "fitness": args.fitness,
               "protocol": "query-agnostic" if args.question_after_compression else "query-aware",
-              "prompts": [p.key for p in prompts], "full_values": full.tolist(), "rows": []}
+              "prompts": [p.key for p in prompts], "full_values": full.tolist(), "rows": [],
+              "full": summary(full_stats)}
     width = max(10, *map(len, checkpoints))
-    print(f"{'budget':>6} {'policy':>{width}} {'fitness':>8} {'cache':>6}  per task")
+    print(f"{'budget':>6} {'policy':>{width}} {'fitness':>8} {'cache':>6} {'exact':>6} {'tokens':>6}  per task")
+    print(f"{'-':>6} {'full':>{width}} {0:>8.3f} {1:>6.3f} {result['full']['exact']:>6d} "
+          f"{result['full']['accuracy']:>6.3f}")
     for budget in [float(b) for b in args.budgets.split(",")]:
         contenders = {label: namm.make_policy("namm", checkpoint=c, budget=budget) for label, c in checkpoints.items()}
         contenders.update({name: namm.make_policy(name, budget=budget) for name in args.baselines.split(",") if name})
         for name, policy in contenders.items():
-            values, cache = score(policy)
+            stats, cache = score(policy)
+            values = stats[args.fitness]
             fitness = float(answer_fitness(values[None], full, task_of)[0])
             per_task = [float((values - full)[task_of == t].mean()) for t in range(len(tasks))]
-            result["rows"].append({"budget": budget, "policy": name, "fitness": fitness, "cache_fraction": cache,
-                                   "per_task": dict(zip(tasks, per_task)), "values": values.tolist()})
-            print(f"{budget:>6.2f} {name:>{width}} {fitness:>8.3f} {cache:>6.3f}  "
-                  + " ".join(f"{v:.2f}" for v in per_task), flush=True)
+            row = {"budget": budget, "policy": name, "fitness": fitness, "cache_fraction": cache,
+                   "per_task": dict(zip(tasks, per_task)), "values": values.tolist(), **summary(stats)}
+            result["rows"].append(row)
+            print(f"{budget:>6.2f} {name:>{width}} {fitness:>8.3f} {cache:>6.3f} {row['exact']:>6d} "
+                  f"{row['accuracy']:>6.3f}  " + " ".join(f"{v:.2f}" for v in per_task), flush=True)
     result["seconds"] = time.perf_counter() - start
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

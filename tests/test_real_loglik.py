@@ -32,6 +32,9 @@ def test_real_loglik_scores_namm_and_baselines_at_each_budget(tmp_path, capsys):
         assert abs(r["cache_fraction"] - r["budget"]) < 0.1
         gaps = [v - f for v, f in zip(r["values"], result["full_values"])]
         assert math.isclose(r["fitness"], sum(gaps) / len(gaps), rel_tol=1e-6), "one prompt per task: the mean gap"
+        assert 0 <= r["exact"] <= 2 and 0.0 <= r["accuracy"] <= 1.0
+    assert result["full"]["exact"] <= 2 and math.isclose(result["full"]["mean_loglik"],
+                                                         sum(result["full_values"]) / 2, rel_tol=1e-6)
     assert "streaming" in capsys.readouterr().out
 
 

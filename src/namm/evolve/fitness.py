@@ -111,16 +111,19 @@ def answer_statistic(logits: Tensor, answer: Tensor, statistic: str) -> Tensor:
     the answer tokens, of log p(reference token) minus the largest log-probability of any other
     token, clipped to [-MARGIN_CLIP, MARGIN_CLIP]. It is positive exactly when greedy decoding
     would emit the whole answer, so it follows exact match where a mean log-likelihood rewards
-    keeping parts of the answer."""
+    keeping parts of the answer. ``"accuracy"`` (a diagnostic, not a fitness): the share of answer
+    tokens that are the argmax."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     index = answer.to(logp.device).expand(*logp.shape[:-1])[..., None]
     reference = logp.gather(-1, index)[..., 0]  # (..., A)
     if statistic == "loglik":
         return reference.mean(-1)
+    margin = reference - logp.scatter(-1, index, float("-inf")).amax(-1)  # (..., A)
     if statistic == "margin":
-        other = logp.scatter(-1, index, float("-inf")).amax(-1)
-        return (reference - other).amin(-1).clamp(-MARGIN_CLIP, MARGIN_CLIP)
-    raise ValueError(f"unknown answer statistic {statistic!r}; choose from {', '.join(ANSWER_STATISTICS)}")
+        return margin.amin(-1).clamp(-MARGIN_CLIP, MARGIN_CLIP)
+    if statistic == "accuracy":
+        return (margin > 0).float().mean(-1)
+    raise ValueError(f"unknown answer statistic {statistic!r}; choose from {', '.join(ANSWER_STATISTICS)}, accuracy")
 
 
 def answer_fitness(
@@ -260,12 +263,13 @@ class AnswerScorer(PopulationScorer):
 
 
 @torch.inference_mode()
-def teacher_forced_scores(model, policy: MemoryPolicy, prompts: list[TrainingPrompt], chunk_size: int = 128,
-                          statistic: str = "loglik") -> list[tuple[float, float]]:
-    """(answer statistic, cache fraction at the end) of each prompt, one batch row each, with
-    ``policy`` managing the cache while the prompt and the answer are read. Query-agnostic prompts
-    (all or none of them): the context is read and compressed, then the question and the answer
-    are read with updates held, as :func:`namm.generate` does with ``question=``."""
+def teacher_forced_logits(model, policy: MemoryPolicy, prompts: list[TrainingPrompt],
+                          chunk_size: int = 128) -> list[tuple[Tensor, float]]:
+    """((A, vocab) logits predicting the reference answer, cache fraction at the end) of each
+    prompt, one batch row each, with ``policy`` managing the cache while the prompt and the answer
+    are read. Query-agnostic prompts (all or none of them): the context is read and compressed,
+    then the question and the answer are read with updates held, as :func:`namm.generate` does
+    with ``question=``."""
     agnostic = {p.context_tokens is not None for p in prompts}
     if len(agnostic) != 1:
         raise ValueError("prompts of one batch must all be query-agnostic or all query-aware")
@@ -284,8 +288,12 @@ def teacher_forced_scores(model, policy: MemoryPolicy, prompts: list[TrainingPro
             with runner.updates_held():
                 logits = runner.feed([r[c:] for r, c in zip(rows, cut)], all_logits=True, keep=longest)
     counts = runner.cache.token_counts().cpu().double()
-    out = []
-    for b, p in enumerate(prompts):
-        value = answer_statistic(logits[b][-len(p.answer_ids):], p.answer_ids, statistic)
-        out.append((float(value), float(counts[:, b].mean() / runner.seen[b])))
-    return out
+    return [(logits[b][-len(p.answer_ids):], float(counts[:, b].mean() / runner.seen[b]))
+            for b, p in enumerate(prompts)]
+
+
+def teacher_forced_scores(model, policy: MemoryPolicy, prompts: list[TrainingPrompt], chunk_size: int = 128,
+                          statistic: str = "loglik") -> list[tuple[float, float]]:
+    """(answer statistic, cache fraction at the end) of each prompt (:func:`teacher_forced_logits`)."""
+    return [(float(answer_statistic(logits, p.answer_ids, statistic)), fraction)
+            for p, (logits, fraction) in zip(prompts, teacher_forced_logits(model, policy, prompts, chunk_size))]
