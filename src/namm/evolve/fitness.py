@@ -282,8 +282,10 @@ def teacher_forced_logits(model, policy: MemoryPolicy, prompts: list[TrainingPro
         shared = runner.shareable(heads)
         if shared:
             runner.feed_shared(heads[0][:shared])
-        logits = runner.feed([h[shared:] for h in heads], all_logits=True, keep=longest)
-        if agnostic == {True}:
+        query_agnostic = agnostic == {True}
+        # query-agnostic: the answer's logits come from the second feed, so the context's are not computed
+        logits = runner.feed([h[shared:] for h in heads], all_logits=not query_agnostic, keep=longest)
+        if query_agnostic:
             runner.end_context()
             with runner.updates_held():
                 logits = runner.feed([r[c:] for r, c in zip(rows, cut)], all_logits=True, keep=longest)
