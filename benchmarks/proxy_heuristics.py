@@ -38,7 +38,7 @@ from namm.evolve.fitness import answer_fitness
 from namm.evolve.proxy import ProxyScorer
 from namm.evolve.trainer import Trainer, build_policy, load_run_config
 from namm.policies.namm.checkpoint import load_namm_checkpoint
-from namm.policies.namm.features import FeatureConfig, Normalization
+from namm.policies.namm.features import FeatureConfig, Normalization, recency_frequencies
 
 SINKS = 4
 QUANTITIES = ("sinks", "recent", "oldest", "ends", "log_attention")
@@ -67,13 +67,12 @@ class RuleScorer:
     def quantities(self, x: Tensor) -> Tensor:
         """(..., K, len(QUANTITIES)) per-token quantities of features ``x`` (..., K, dim)."""
         half = self.features.recency_dims // 2
-        omega = self.features.recency_base ** (-(half - 1) / half)  # the slowest recency frequency
+        omega = float(recency_frequencies(self.features)[-1])  # the slowest recency frequency
         distance = torch.atan2(x[..., half - 1], x[..., 2 * half - 1]) / omega  # exact for distance < pi / omega
         distance = distance.round()
         position = distance.amax(-1, keepdim=True) - distance
         tokens = distance.shape[-1]
-        norm = self.normalization.to(x.device)
-        dc = x[..., half * 2] * norm.std[0].clamp(min=self.features.eps) + norm.mean[0]
+        dc = self.normalization.invert(x[..., 2 * half:], self.features.eps)[..., 0]
         return torch.stack([(position < SINKS).float(), -distance / tokens, -position / tokens,
                             -torch.minimum(position, distance) / tokens, torch.log(dc.clamp(min=1e-12))], dim=-1)
 

@@ -88,6 +88,11 @@ class Normalization(NamedTuple):
         norm = self.to(ema.device)
         return (ema - norm.mean) / norm.std.clamp(min=eps)
 
+    def invert(self, normalised: Tensor, eps: float) -> Tensor:
+        """The un-normalised EMA of ``normalised`` (..., bins): the inverse of :meth:`apply`."""
+        norm = self.to(normalised.device)
+        return normalised * norm.std.clamp(min=eps) + norm.mean
+
 
 @lru_cache(maxsize=16)
 def stft_basis(config: FeatureConfig, device: torch.device | str = "cpu") -> Tensor:
@@ -156,14 +161,18 @@ def ema_update(spec: Tensor, first_frame: Tensor, old_ema: Tensor, config: Featu
     return fresh.transpose(-1, -2) + config.gamma ** config.n_up * old_ema
 
 
+def recency_frequencies(config: FeatureConfig, device: torch.device | str = "cpu") -> Tensor:
+    """(recency_dims / 2,) float64 frequencies w_k = base^(-k / (recency_dims / 2)), fastest first."""
+    half = config.recency_dims // 2
+    return config.recency_base ** (-torch.arange(half, device=device, dtype=torch.float64) / half)
+
+
 def recency_embedding(positions: Tensor, valid: Tensor, config: FeatureConfig) -> Tensor:
     """(B, H, K, recency_dims): [sin(r w_k)..., cos(r w_k)...] with r = newest position in the head
     minus the token's position and w_k = base^(-k / (recency_dims / 2)); zero for empty slots."""
     newest = torch.where(valid, positions, -1).amax(-1, keepdim=True)
     r = torch.where(valid, newest - positions, 0).float()
-    half = config.recency_dims // 2
-    omega = config.recency_base ** (-torch.arange(half, device=positions.device, dtype=torch.float64) / half)
-    angle = r[..., None] * omega.float()
+    angle = r[..., None] * recency_frequencies(config, positions.device).float()
     return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1) * valid[..., None]
 
 
