@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 import namm
+from namm.eval.intervals import bootstrap_interval
 from namm.evolve.fitness import (ANSWER_STATISTICS, answer_fitness, answer_statistic, teacher_forced_logits,
                                  tokenize_samples)
 from namm.tasks import get_task
@@ -47,6 +48,27 @@ def summary(stats: dict[str, torch.Tensor]) -> dict:
     would answer exactly (every answer token the argmax: a positive margin)."""
     return {**{f"mean_{name}": float(v.mean()) for name, v in stats.items()},
             "accuracy": float(stats["accuracy"].mean()), "exact": int((stats["margin"] > 0).sum())}
+
+
+def by_task(values: torch.Tensor, task_of: torch.Tensor) -> list[list[float]]:
+    """The per-prompt values grouped by task (the bootstrap resamples each task on its own)."""
+    return [values[task_of == t].tolist() for t in range(int(task_of.max()) + 1)]
+
+
+def paired(rows: list[dict], task_of: torch.Tensor, statistic: str) -> list[dict]:
+    """Every NAMM row against every baseline at the same budget: the mean per-prompt difference
+    (NAMM minus baseline) of the statistic and of exactness, with bootstrap 95% intervals."""
+    out = []
+    for a in [r for r in rows if r["policy"].startswith("namm")]:
+        for b in [r for r in rows if r["budget"] == a["budget"] and not r["policy"].startswith("namm")]:
+            diff = torch.tensor(a["values"]) - torch.tensor(b["values"])
+            exact = torch.tensor(a["exact_values"], dtype=torch.float) - torch.tensor(b["exact_values"], dtype=torch.float)
+            out.append({"budget": a["budget"], "namm": a["policy"], "baseline": b["policy"],
+                        f"{statistic}_difference": float(diff.mean()),
+                        f"{statistic}_difference_ci": bootstrap_interval(by_task(diff, task_of)),
+                        "exact_difference": float(exact.mean()),
+                        "exact_difference_ci": bootstrap_interval(by_task(exact, task_of))})
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,15 +127,24 @@ def main(argv: list[str] | None = None) -> None:
             values = stats[args.fitness]
             fitness = float(answer_fitness(values[None], full, task_of)[0])
             per_task = [float((values - full)[task_of == t].mean()) for t in range(len(tasks))]
-            row = {"budget": budget, "policy": name, "fitness": fitness, "cache_fraction": cache,
-                   "per_task": dict(zip(tasks, per_task)), "values": values.tolist(), **summary(stats)}
+            row = {"budget": budget, "policy": name, "fitness": fitness,
+                   "fitness_ci": bootstrap_interval(by_task(values - full, task_of)), "cache_fraction": cache,
+                   "per_task": dict(zip(tasks, per_task)), "values": values.tolist(),
+                   "exact_values": (stats["margin"] > 0).int().tolist(), **summary(stats)}
             result["rows"].append(row)
             print(f"{budget:>6.2f} {name:>{width}} {fitness:>8.3f} {cache:>6.3f} {row['exact']:>6d} "
                   f"{row['accuracy']:>6.3f}  " + " ".join(f"{v:.2f}" for v in per_task), flush=True)
-    result["seconds"] = time.perf_counter() - start
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+            result["paired"] = paired(result["rows"], task_of, args.fitness)
+            result["seconds"] = time.perf_counter() - start
+            if args.out:  # after every row, so a long run can be read (and stopped) midway
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print("NAMM minus baseline, per prompt (bootstrap 95% intervals):")
+    for d in result["paired"]:
+        print(f"{d['budget']:>6.2f} {d['namm']} - {d['baseline']}: {args.fitness} "
+              f"{d[f'{args.fitness}_difference']:+.3f} [{d[f'{args.fitness}_difference_ci'][0]:+.3f}, "
+              f"{d[f'{args.fitness}_difference_ci'][1]:+.3f}]  exact {d['exact_difference']:+.3f} "
+              f"[{d['exact_difference_ci'][0]:+.3f}, {d['exact_difference_ci'][1]:+.3f}]")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,15 @@ def test_real_loglik_scores_namm_and_baselines_at_each_budget(tmp_path, capsys):
     assert result["full"]["exact"] <= 2 and math.isclose(result["full"]["mean_loglik"],
                                                          sum(result["full_values"]) / 2, rel_tol=1e-6)
     assert "streaming" in capsys.readouterr().out
-
+    rows = {(r["budget"], r["policy"]): r for r in result["rows"]}
+    assert [(d["budget"], d["baseline"]) for d in result["paired"]] == [
+        (b, p) for b in (0.25, 0.5) for p in ("streaming", "h2o")]
+    for d in result["paired"]:
+        namm_row, base = rows[(d["budget"], "namm")], rows[(d["budget"], d["baseline"])]
+        expected = sum(a - b for a, b in zip(namm_row["values"], base["values"])) / 2
+        assert math.isclose(d["loglik_difference"], expected, rel_tol=1e-6, abs_tol=1e-9)
+        assert d["loglik_difference_ci"][0] <= d["loglik_difference"] + 1e-9 <= d["loglik_difference_ci"][1] + 2e-9
+        assert d["exact_difference"] == (namm_row["exact"] - base["exact"]) / 2
 
 
 def test_real_loglik_compares_several_candidates(tmp_path):

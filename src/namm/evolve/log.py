@@ -38,9 +38,11 @@ class TrainingLog:
             writer.writeheader()
             writer.writerows(rows)
 
-    def plot(self, path: str | Path | None = None, title: str | None = None) -> Path:
+    def plot(self, path: str | Path | None = None, title: str | None = None, fitness: str = "task") -> Path:
         """Training curve: fitness of the population (best, mean, median) and of the evaluated
-        CMA-ES mean, and the mean cache fraction, per generation."""
+        CMA-ES mean, and the mean cache fraction, per generation. ``fitness`` names the run's
+        fitness (``task``: a score ratio, level with the full cache at 1; ``loglik``/``margin``: a
+        difference, level at 0), for the axis label and the full-cache line."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -56,8 +58,10 @@ class TrainingLog:
         if evals:
             top.plot([r["generation"] for r in evals], [r["eval_fitness"] for r in evals], "ko-",
                      label="CMA-ES mean (all training prompts)")
-        top.axhline(1.0, color="grey", lw=0.8, ls="--")
-        top.set_ylabel("fitness: score / full-cache score\n(minus memory penalty, if any)")
+        ratio = fitness == "task"
+        top.axhline(1.0 if ratio else 0.0, color="grey", lw=0.8, ls="--")
+        measure = "score / full-cache score" if ratio else f"{fitness} minus full cache's"
+        top.set_ylabel(f"fitness: {measure}\n(minus memory penalty, if any)")
         top.legend(fontsize=8)
         top.set_title(title or "NAMM evolution")
         bottom.plot(gens, [r["cache_fraction_mean"] for r in rows], label="population mean")

@@ -303,7 +303,7 @@ class Trainer:
         self.state.full_cache = dict(self.scorer.full_cache)
         if self.workers.is_main:
             self.log.append(row)
-            self.log.plot()
+            self.log.plot(fitness=self.config.fitness)
             self._save_state()
         self._barrier()
         return row
