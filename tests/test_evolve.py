@@ -19,7 +19,7 @@ import namm
 from namm.evolve.cmaes import CMAES, CMAESConfig, recombination_weights
 from namm.evolve.fitness import MemoryTerm, PopulationScorer, normalised_fitness, tokenize_samples
 from namm.evolve.trainer import EvolveConfig, Trainer
-from namm.policies.namm.checkpoint import load_namm_checkpoint
+from namm.policies.namm.checkpoint import load_namm_checkpoint, save_namm_checkpoint, zeros_checkpoint
 from namm.tasks.registry import get_task
 from fixtures.byte_tokenizer import byte_tokenizer
 from test_evolve_helpers import save_tiny_model
@@ -180,6 +180,27 @@ def test_init_from_keeps_cma_state_and_statistics(tiny, tmp_path):
     with pytest.raises(ValueError, match="same"):
         Trainer(tiny_config(population=6, init_from=str(tmp_path / "s1")), tmp_path / "s3", model, tokenizer,
                 progress=False).start()
+
+
+def test_init_checkpoint_centres_a_fresh_cmaes_on_its_parameters(tiny, tmp_path):
+    model, tokenizer = tiny
+    zeros = zeros_checkpoint("mlp")
+    params = torch.randn(zeros.params.shape, generator=torch.Generator().manual_seed(3)) * 0.1
+    std = zeros.std * 2 + 0.5
+    save_namm_checkpoint(tmp_path / "start", params, zeros.mean, std, zeros.config)
+    run = Trainer(tiny_config(generations=1, scorer="mlp", init_checkpoint=str(tmp_path / "start")), tmp_path / "r",
+                  model, tokenizer, progress=False)
+    run.start()
+    assert run.cmaes.generation == 0 and run.cmaes.sigma == 0.065
+    assert torch.allclose(run.cmaes.mean, params)
+    assert torch.equal(run.policy.normalization.std, std), "the checkpoint's statistics, not a new calibration"
+    run.run()
+    assert run.cmaes.generation == 1
+    with pytest.raises(ValueError, match="scorer"):
+        Trainer(tiny_config(scorer="bam", init_checkpoint=str(tmp_path / "start")), tmp_path / "b", model, tokenizer,
+                progress=False).start()
+    with pytest.raises(ValueError, match="not both"):
+        tiny_config(init_from=str(tmp_path / "r"), init_checkpoint=str(tmp_path / "start"))
 
 
 # ---------------------------------------------------------------- CLI and torchrun

@@ -15,6 +15,7 @@ EXAMPLES = """examples:
       --scorer mlp --hidden 8 --budgets 0.2,0.6 --population 16 --separable --generations 200 --out runs/b
   namm evolve --resume runs/stage1                       # continue a stopped run exactly
   namm evolve --init-from runs/stage1 --tasks passage_retrieval,kv_retrieval ... --out runs/stage2
+  namm evolve --init-checkpoint runs/streaming-namm --scorer mlp --hidden 8 ... --out runs/stage3
   torchrun --nproc_per_node 2 -m namm evolve ... --out runs/x   # population split over 2 processes
 """
 
@@ -76,6 +77,9 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
     p.add_argument("--init-from", metavar="DIR",
                    help="start a new stage from the run in DIR: keeps its CMA-ES state and feature statistics")
+    p.add_argument("--init-checkpoint", metavar="CKPT",
+                   help="start a new run with the CMA-ES mean at a NAMM checkpoint's parameters and its feature "
+                        "statistics (fresh step size --sigma0 and covariance; the scorer must match --scorer/--hidden)")
     p.set_defaults(run=run)
 
 
@@ -115,7 +119,7 @@ def config_from_args(args: argparse.Namespace):
         elite=args.elite, sigma0=args.sigma0, separable=args.separable, eval_every=args.eval_every,
         eval_batch_size=args.eval_batch_size, seed=args.seed, memory_target=args.memory_target,
         memory_weight=args.memory_weight, n_up=args.n_up, scorer=args.scorer, batched=not args.one_by_one,
-        init_from=args.init_from, question_after_compression=args.question_after_compression,
+        init_from=args.init_from, init_checkpoint=args.init_checkpoint, question_after_compression=args.question_after_compression,
     )
 
 

@@ -62,6 +62,7 @@ class EvolveConfig:
     hidden: list[int] | None = None  # hidden sizes of the "mlp" scorer (default: linear)
     batched: bool = True
     init_from: str | None = None
+    init_checkpoint: str | None = None  # fresh CMA-ES whose mean starts at this checkpoint's parameters
     fitness: str = "task"  # "loglik"/"margin" (answer statistic vs full cache) or "task" (task metric ratio)
     evaluator: str = "real"  # "proxy" (recorded once per prompt, answer statistics only) or "real" (real eviction)
     budgets: list[float] | None = None  # budget mode: each generation draws a budget in [lo, hi]
@@ -82,6 +83,8 @@ class EvolveConfig:
                 raise ValueError(f"--budgets must be two fractions 0 < lo <= hi <= 1, got {self.budgets}")
             if self.memory_target is not None:
                 raise ValueError("budget mode holds the memory fixed: drop --memory-target")
+        if self.init_from and self.init_checkpoint:
+            raise ValueError("give --init-from (a run's CMA-ES state) or --init-checkpoint (a NAMM's parameters), not both")
         if self.scorer != "mlp" and self.hidden:
             raise ValueError("--hidden sizes apply to the mlp scorer only")
         for name, value in [("length", min(self.lengths)), ("generations", self.generations),
@@ -170,6 +173,7 @@ class Trainer:
     def start(self) -> None:
         """Fresh stage: calibrate (or inherit) the normalisation, build or inherit CMA-ES, save."""
         from namm.policies.namm.checkpoint import load_namm_checkpoint, save_namm_checkpoint
+        from namm.policies.namm.scorers import make_scorer
 
         if self.workers.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -181,19 +185,31 @@ class Trainer:
             norm = load_namm_checkpoint(str(previous / "normalization"))
             mean, std, namm_config = norm.mean, norm.std, norm.config
             num_params = self.cmaes.config.num_params
+        elif self.config.init_checkpoint:
+            start = load_namm_checkpoint(self.config.init_checkpoint)
+            mean, std, namm_config = start.mean, start.std, start.config
+            if namm_config["scorer"] != make_scorer(self.config.scorer_spec, 1).config():
+                raise ValueError(f"--init-checkpoint {self.config.init_checkpoint} has scorer {namm_config['scorer']}; "
+                                 f"this run evolves {self.config.scorer_spec}")
+            num_params = start.params.numel()
+            self.cmaes = self._new_cmaes(num_params, start.params)
         else:
             mean, std = self._calibrate()
             probe = build_policy("zeros", self.config)
             num_params, namm_config = probe.num_params, probe.config()
-            self.cmaes = CMAES(CMAESConfig(num_params=num_params, popsize=self.config.population,
-                                           elite=self.config.elite, sigma0=self.config.sigma0,
-                                           separable=self.config.separable, seed=self.config.seed))
+            self.cmaes = self._new_cmaes(num_params)
         if self.workers.is_main:
             save_namm_checkpoint(self.out / "normalization", torch.zeros(num_params), mean, std, namm_config,
                                  self._provenance(generation=self.cmaes.generation, fitness=None))
             self._save_state()
         self._barrier()
         self._build_scorer()
+
+    def _new_cmaes(self, num_params: int, mean: torch.Tensor | None = None) -> CMAES:
+        """A fresh CMA-ES (step size ``sigma0``, identity covariance) centred on ``mean`` (zeros by default)."""
+        return CMAES(CMAESConfig(num_params=num_params, popsize=self.config.population, elite=self.config.elite,
+                                 sigma0=self.config.sigma0, separable=self.config.separable, seed=self.config.seed),
+                     mean=mean)
 
     def resume(self) -> None:
         """Continue the stage saved in ``out`` exactly where it stopped."""
