@@ -62,7 +62,7 @@ def paired(rows: list[dict], task_of: torch.Tensor, statistic: str) -> list[dict
     for a in [r for r in rows if r["policy"].startswith("namm")]:
         for b in [r for r in rows if r["budget"] == a["budget"] and not r["policy"].startswith("namm")]:
             diff = torch.tensor(a["values"]) - torch.tensor(b["values"])
-            exact = torch.tensor(a["exact_values"], dtype=torch.float) - torch.tensor(b["exact_values"], dtype=torch.float)
+            exact = (torch.tensor(a["exact_values"]) - torch.tensor(b["exact_values"])).float()
             out.append({"budget": a["budget"], "namm": a["policy"], "baseline": b["policy"],
                         f"{statistic}_difference": float(diff.mean()),
                         f"{statistic}_difference_ci": bootstrap_interval(by_task(diff, task_of)),

@@ -119,7 +119,8 @@ def config_from_args(args: argparse.Namespace):
         elite=args.elite, sigma0=args.sigma0, separable=args.separable, eval_every=args.eval_every,
         eval_batch_size=args.eval_batch_size, seed=args.seed, memory_target=args.memory_target,
         memory_weight=args.memory_weight, n_up=args.n_up, scorer=args.scorer, batched=not args.one_by_one,
-        init_from=args.init_from, init_checkpoint=args.init_checkpoint, question_after_compression=args.question_after_compression,
+        init_from=args.init_from, init_checkpoint=args.init_checkpoint,
+        question_after_compression=args.question_after_compression,
     )
 
 

@@ -84,7 +84,8 @@ class EvolveConfig:
             if self.memory_target is not None:
                 raise ValueError("budget mode holds the memory fixed: drop --memory-target")
         if self.init_from and self.init_checkpoint:
-            raise ValueError("give --init-from (a run's CMA-ES state) or --init-checkpoint (a NAMM's parameters), not both")
+            raise ValueError("give --init-from (a run's CMA-ES state) or --init-checkpoint (a NAMM's parameters), "
+                             "not both")
         if self.scorer != "mlp" and self.hidden:
             raise ValueError("--hidden sizes apply to the mlp scorer only")
         for name, value in [("length", min(self.lengths)), ("generations", self.generations),
