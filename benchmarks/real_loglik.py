@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> None:
             stats, cache = score(policy)
             values = stats[args.fitness]
             fitness = float(answer_fitness(values[None], full, task_of)[0])
-            per_task = [float((values - full)[task_of == t].mean()) for t in range(len(tasks))]
+            gaps = by_task(values - full, task_of)
+            per_task = [sum(g) / len(g) for g in gaps]
             row = {"budget": budget, "policy": name, "fitness": fitness,
-                   "fitness_ci": bootstrap_interval(by_task(values - full, task_of)), "cache_fraction": cache,
+                   "fitness_ci": bootstrap_interval(gaps), "cache_fraction": cache,
                    "per_task": dict(zip(tasks, per_task)), "values": values.tolist(),
                    "exact_values": (stats["margin"] > 0).int().tolist(), **summary(stats)}
             result["rows"].append(row)

@@ -3,22 +3,13 @@ answer agreement, table rows and the kept findings section. kvpress itself is no
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from benchmark_modules import load_benchmark
 
 @pytest.fixture(scope="module")
 def xc():
-    spec = importlib.util.spec_from_file_location("kvpress_crosscheck", ROOT / "benchmarks" / "kvpress_crosscheck.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kvpress_crosscheck"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("kvpress_crosscheck")
 
 
 def test_paired_difference_is_paired(xc):

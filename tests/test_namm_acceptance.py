@@ -4,20 +4,13 @@ verdicts, and the markdown. No model runs."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from benchmark_modules import load_benchmark
 
 @pytest.fixture(scope="module")
 def acc():
-    spec = importlib.util.spec_from_file_location("namm_acceptance", ROOT / "benchmarks" / "namm_acceptance.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("namm_acceptance")
 
 
 def row(policy, score, budget=None, schedule="progressive", kv=0.25, task="niah_single"):

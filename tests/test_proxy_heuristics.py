@@ -3,26 +3,15 @@ features, and every contender is scored at every budget with the run's own fitne
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_modules import load_benchmark
 from test_evolve_helpers import save_tiny_model
 
 import namm
 from namm.evolve.trainer import EvolveConfig, Trainer
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("proxy_heuristics", ROOT / "benchmarks" / "proxy_heuristics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -41,7 +30,7 @@ def tiny_run(tmp_path_factory):
 
 def test_rules_read_exact_positions_from_the_recorded_features(tiny_run):
     run, _, trainer = tiny_run
-    module = load_benchmark()
+    module = load_benchmark("proxy_heuristics")
     prompt = trainer.pool[0]
     record = trainer.scorer.record([prompt])[0]
     rules = module.RuleScorer(trainer.policy.features, trainer.policy.normalization)
@@ -56,7 +45,7 @@ def test_rules_read_exact_positions_from_the_recorded_features(tiny_run):
 
 def test_every_contender_is_scored_at_every_budget(tiny_run, tmp_path, capsys):
     run, model_dir, _ = tiny_run
-    module = load_benchmark()
+    module = load_benchmark("proxy_heuristics")
     out = tmp_path / "h.json"
     result = module.main(["--run", str(run), "--model", str(model_dir), "--checkpoint", str(run / "best"),
                           "--max-length", "400", "--per-task", "1", "--budgets", "0.25,0.5", "--out", str(out)])

@@ -3,23 +3,17 @@ with the campaign's loglik fitness under real eviction."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import torch
+from benchmark_modules import load_benchmark
 from test_evolve_helpers import save_tiny_model
 
 from namm.policies.namm.checkpoint import save_namm_checkpoint, zeros_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def test_real_loglik_scores_namm_and_baselines_at_each_budget(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("real_loglik", ROOT / "benchmarks" / "real_loglik.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("real_loglik")
     model = save_tiny_model(tmp_path / "model")
     out = tmp_path / "out.json"
     module.main(["--checkpoint", "zeros", "--model", str(model), "--tasks", "passkey,kv_retrieval", "--length", "1100",
@@ -48,9 +42,7 @@ def test_real_loglik_scores_namm_and_baselines_at_each_budget(tmp_path, capsys):
 
 
 def test_real_loglik_compares_several_candidates(tmp_path):
-    spec = importlib.util.spec_from_file_location("real_loglik", ROOT / "benchmarks" / "real_loglik.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("real_loglik")
     model = save_tiny_model(tmp_path / "model")
     zeros = zeros_checkpoint("mlp")
     random = torch.randn(zeros.params.shape, generator=torch.Generator().manual_seed(0))

@@ -3,25 +3,14 @@ newest tokens, through the real feature pipeline; its checkpoint loads as a budg
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import torch
+from benchmark_modules import load_benchmark
 
 import namm
 from namm.policies.namm.checkpoint import load_namm_checkpoint, save_namm_checkpoint, zeros_checkpoint
 from namm.policies.namm.features import FeatureConfig, Normalization, raw_features, token_features
 from namm.policies.namm.scorers import MLPScorer
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_module():
-    spec = importlib.util.spec_from_file_location("streaming_namm", ROOT / "benchmarks" / "streaming_namm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def causal_attention_with_sink(keys: int, queries: int, sink_share: float) -> torch.Tensor:
     """(1, 1, queries, keys) attention of the last ``queries`` positions: ``sink_share`` on key 0,
@@ -35,7 +24,7 @@ def causal_attention_with_sink(keys: int, queries: int, sink_share: float) -> to
 
 
 def test_streaming_namm_keeps_the_sink_then_the_newest():
-    module = load_module()
+    module = load_benchmark("streaming_namm")
     config = FeatureConfig(n_up=128)
     keys = 1024
     positions = torch.arange(keys)[None, None]
@@ -54,7 +43,7 @@ def test_streaming_namm_keeps_the_sink_then_the_newest():
 
 
 def test_streaming_namm_checkpoint_runs_as_a_budget_policy(tmp_path):
-    module = load_module()
+    module = load_benchmark("streaming_namm")
     zeros = zeros_checkpoint({"kind": "mlp", "hidden": [4]})
     save_namm_checkpoint(tmp_path / "norm", zeros.params, zeros.mean + 0.01, zeros.std * 0.2, zeros.config)
     path = module.main(["--normalization", str(tmp_path / "norm"), "--hidden", "4", "--out", str(tmp_path / "s")])

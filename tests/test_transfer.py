@@ -3,23 +3,17 @@ families, every baseline at the NAMM's measured memory."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from benchmark_modules import load_benchmark
 from test_evolve_helpers import save_tiny_model
 
 import namm
 from namm.policies.namm.checkpoint import save_namm_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def test_transfer_table_on_two_other_families(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("transfer", ROOT / "benchmarks" / "transfer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("transfer")
     source = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=64)
     params = torch.randn(source.num_params, generator=torch.Generator().manual_seed(3)) * 0.5
     checkpoint = save_namm_checkpoint(tmp_path / "llama.json", params, source.normalization.mean,
