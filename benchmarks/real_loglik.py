@@ -18,8 +18,8 @@ full cache). ``--question-after-compression``: the query-agnostic protocol, the 
 before the question is read. Every row also reports ``exact``, how many prompts greedy decoding
 would answer exactly (every answer token the argmax), and ``accuracy``, the share of answer tokens
 that are.
-The NAMM runs in budget mode at each budget, every baseline at the same budget on its own default
-schedule. With several ``--checkpoint``s each NAMM row is named ``namm@<folder>``. Prints a table
+The NAMM runs in budget mode at each budget on its checkpoint's schedule, every baseline at the same
+budget on its own default schedule or on each of ``--baseline-schedules`` (rows ``NAME:SCHEDULE``). With several ``--checkpoint``s each NAMM row is named ``namm@<folder>``. Prints a table
 and (``--out``) writes the per-prompt values as JSON.
 """
 
@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import namm
 from namm.eval.intervals import bootstrap_interval
 from namm.evolve.fitness import (ANSWER_STATISTICS, answer_fitness, answer_statistic, teacher_forced_logits,
                                  tokenize_samples)
+from namm.evolve.proxy import continuation_logits, position_rule_held, record_prompt, replay
+from namm.policies.base import MemoryPolicy
 from namm.tasks import get_task
 
 TRAINING_TASKS = "niah_multikey,niah_multivalue,kv_retrieval,variable_tracking,passage_retrieval"
@@ -71,6 +75,57 @@ def paired(rows: list[dict], task_of: torch.Tensor, statistic: str) -> list[dict
     return out
 
 
+def baselines(names: str, schedules: str | None, budget: float) -> dict:
+    """Every named baseline at ``budget``: on its own schedule (``schedules`` None), else on each of
+    the comma-separated ``schedules``, labelled ``NAME:SCHEDULE``."""
+    names = [n for n in names.split(",") if n]
+    if schedules is None:
+        return {name: namm.make_policy(name, budget=budget) for name in names}
+    return {f"{name}:{schedule}": namm.make_policy(name, budget=budget, schedule=schedule)
+            for name in names for schedule in schedules.split(",")}
+
+
+def recorded_scores(model, prompts: list, contenders: dict[float, dict[str, MemoryPolicy]]) -> dict:
+    """``{(budget, label): (stats, cache fraction)}`` of every contender, and ``(None, "full")``, on
+    the recorded evaluator: each prompt's context is read once with the full cache and recorded
+    (:func:`namm.evolve.proxy.record_prompt`), every contender compresses that recording once (a NAMM
+    replays its selection, a baseline selects on the recorded keys), and one batched forward reads
+    the question and answer over every contender's cache. On the prompt-end schedule this is real
+    eviction exactly (tests/test_real_loglik.py checks it)."""
+    policies = [(budget, label, policy) for budget, per in contenders.items() for label, policy in per.items()]
+    namms = [policy for _, _, policy in policies if policy.name == "namm"]
+    if not namms:
+        raise ValueError("the recorded evaluator reads features through a NAMM: give a --checkpoint")
+    if any(p.context_tokens is None for p in prompts):
+        raise ValueError("the recorded evaluator is query-agnostic: add --question-after-compression")
+    first = namms[0]
+    for policy in namms:
+        if policy.schedule != "prompt-end":
+            raise ValueError(f"the recorded evaluator is exact on the prompt-end schedule only; a checkpoint runs "
+                             f"on {policy.schedule}")
+        if policy.features != first.features or not (torch.equal(policy.normalization.mean, first.normalization.mean)
+                                                      and torch.equal(policy.normalization.std, first.normalization.std)):
+            raise ValueError("the recorded evaluator needs checkpoints with one feature normalisation (one run)")
+    values: dict[tuple, list] = {}
+    for prompt in tqdm(prompts, desc="recorded prompts", unit="prompt", disable=not sys.stderr.isatty()):
+        record = record_prompt(model, first, prompt.token_ids, prompt.answer_ids, prompt.key, prompt.task,
+                               context_tokens=prompt.context_tokens)
+        held = [torch.ones(1, *record.features[0].shape[:3], dtype=torch.bool)]
+        for _, _, policy in policies:
+            held.append(replay(record, policy, policy.params[None]) if policy.name == "namm"
+                        else position_rule_held(record, policy))
+        held = torch.cat(held)
+        logits = continuation_logits(model, record, held)
+        after = len(record.continuation) + 1
+        cache = ((held.float().mean((1, 2)).sum(-1) + after) / (record.seen + after)).tolist()
+        for i, key in enumerate([(None, "full")] + [(budget, label) for budget, label, _ in policies]):
+            stats = {name: float(answer_statistic(logits[i:i + 1], record.answer, name)) for name in STATISTICS}
+            values.setdefault(key, []).append((stats, cache[i]))
+        del record, logits
+    return {key: ({name: torch.tensor([s[name] for s, _ in rows]) for name in STATISTICS},
+                  sum(c for _, c in rows) / len(rows)) for key, rows in values.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, action="append",
@@ -86,6 +141,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="the answer statistic: loglik (mean log-probability) or margin (weakest token's margin)")
     p.add_argument("--question-after-compression", action="store_true",
                    help="query-agnostic: every policy compresses the context before the question is read")
+    p.add_argument("--baseline-schedules", default=None,
+                   help="comma-separated schedules to run every baseline on (progressive, prompt-end); "
+                        "default: each baseline's own")
+    p.add_argument("--evaluator", choices=("real", "recorded"), default="real",
+                   help="real (default): every policy reads every prompt under real eviction; recorded: each "
+                        "context is read once with the full cache and every policy compresses that recording "
+                        "once, then reads the question and answer (exact for NAMMs evolved on the prompt-end "
+                        "schedule and for baselines that read no queries, all on prompt-end; query-agnostic only; "
+                        "several times faster)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -98,20 +162,30 @@ def main(argv: list[str] | None = None) -> None:
     prompts = tokenize_samples(tokenizer, model, samples, args.question_after_compression)
     task_of = torch.tensor([p.task for p in prompts])
 
-    def score(policy) -> tuple[dict[str, torch.Tensor], float]:
+    checkpoints = {("namm" if len(args.checkpoint) == 1 else f"namm@{Path(c).name}"): c for c in args.checkpoint}
+    budgets = [float(b) for b in args.budgets.split(",")]
+    schedules = "prompt-end" if args.evaluator == "recorded" else args.baseline_schedules
+    contenders = {budget: {**{label: namm.make_policy("namm", checkpoint=c, budget=budget)
+                              for label, c in checkpoints.items()},
+                           **baselines(args.baselines, schedules, budget)} for budget in budgets}
+    start = time.perf_counter()
+    if args.evaluator == "recorded":
+        recorded = recorded_scores(model, prompts, contenders)
+
+    def score(policy, label: str = "full", budget: float | None = None) -> tuple[dict[str, torch.Tensor], float]:
         """Per statistic, the (n,) values of every prompt; and the mean cache fraction."""
+        if args.evaluator == "recorded":
+            return recorded[(budget, label)]
         runs = [teacher_forced_logits(model, policy, [prompt])[0] for prompt in prompts]
         stats = {name: torch.tensor([float(answer_statistic(logits, p.answer_ids, name))
                                      for p, (logits, _) in zip(prompts, runs)]) for name in STATISTICS}
         return stats, sum(f for _, f in runs) / len(runs)
 
-    start = time.perf_counter()
     full_stats, _ = score(namm.make_policy("full"))
     full = full_stats[args.fitness]
-    checkpoints = {("namm" if len(args.checkpoint) == 1 else f"namm@{Path(c).name}"): c for c in args.checkpoint}
     result = {"checkpoint": args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint,
               "model": args.model, "tasks": tasks, "length": args.length, "samples": args.samples, "seed": args.seed,
-              "fitness": args.fitness,
+              "fitness": args.fitness, "evaluator": args.evaluator,
               "protocol": "query-agnostic" if args.question_after_compression else "query-aware",
               "prompts": [p.key for p in prompts], "full_values": full.tolist(), "rows": [],
               "full": summary(full_stats)}
@@ -119,11 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'budget':>6} {'policy':>{width}} {'fitness':>8} {'cache':>6} {'exact':>6} {'tokens':>6}  per task")
     print(f"{'-':>6} {'full':>{width}} {0:>8.3f} {1:>6.3f} {result['full']['exact']:>6d} "
           f"{result['full']['accuracy']:>6.3f}")
-    for budget in [float(b) for b in args.budgets.split(",")]:
-        contenders = {label: namm.make_policy("namm", checkpoint=c, budget=budget) for label, c in checkpoints.items()}
-        contenders.update({name: namm.make_policy(name, budget=budget) for name in args.baselines.split(",") if name})
-        for name, policy in contenders.items():
-            stats, cache = score(policy)
+    for budget, per_budget in contenders.items():
+        for name, policy in per_budget.items():
+            stats, cache = score(policy, name, budget)
             values = stats[args.fitness]
             fitness = float(answer_fitness(values[None], full, task_of)[0])
             gaps = by_task(values - full, task_of)

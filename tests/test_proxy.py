@@ -137,6 +137,28 @@ def test_query_agnostic_proxy_matches_real_eviction(tiny, statistic):
                          query_agnostic=True)
 
 
+@pytest.mark.parametrize("budget", [0.3, None])
+def test_prompt_end_proxy_is_exact_past_many_update_points(tiny, budget):
+    """On the prompt-end schedule the context compresses once, at its end, however many n_up
+    boundaries it crossed: the proxy then gives real eviction's values exactly."""
+    model, tokenizer = tiny
+    samples = [(0, s) for s in get_task("passkey").samples(tokenizer, 300, 2, seed=5)]
+    prompts = tokenize_samples(tokenizer, model, samples, query_agnostic=True)
+    policy = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=N_UP, budget=budget,
+                              schedule="prompt-end")
+    params = random_params(policy, 3, seed=1)
+    scorer = ProxyScorer(model, policy, progress=False, statistic="margin")
+    got = scorer.members(params, prompts)
+    assert all(len(r.features) == 1 for r in scorer.records.values()), "prompt-end records one update"
+    policy.set_population(params)
+    for i, p in enumerate(prompts):
+        real = teacher_forced_scores(model, policy, [p] * len(params), statistic="margin")
+        torch.testing.assert_close(got.scores[:, i], torch.tensor([r[0] for r in real]), rtol=0, atol=1e-5)
+    policy.set_population(None)
+    progressive = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=N_UP, budget=budget)
+    assert len(ProxyScorer(model, progressive, progress=False).record(prompts[:1])[0].features) > 1
+
+
 def test_replay_keeps_what_real_eviction_keeps_at_the_first_update(tiny):
     model, _ = tiny
     p = prompts_of(tiny, 300, n=1)[0]
@@ -230,13 +252,18 @@ def test_query_agnostic_margin_evolution_records_its_protocol(tiny, tmp_path):
     model, tokenizer = tiny
     config = EvolveConfig(model="tiny", tasks=["passkey"], length=250, generations=1, prompts_per_task=1,
                           train_prompts=1, population=4, separable=True, eval_every=1, n_up=128, scorer="mlp",
-                          fitness="margin", evaluator="proxy", budgets=[0.3, 0.3], question_after_compression=True)
+                          fitness="margin", evaluator="proxy", budgets=[0.3, 0.3], question_after_compression=True,
+                          schedule="prompt-end")
     trainer = Trainer(config, tmp_path / "run", model, tokenizer, progress=False)
     trainer.start()
     assert trainer.pool[0].context_tokens is not None
     trainer.run()
     best = load_namm_checkpoint(tmp_path / "run" / "best")
     assert best.provenance["protocol"] == "query-agnostic" and best.provenance["fitness"] == "margin"
+    assert best.config["selection"]["schedule"] == "prompt-end" == best.provenance["schedule"]
+    assert namm.make_policy("namm", checkpoint=str(tmp_path / "run" / "best")).schedule == "prompt-end"
+    explicit = namm.make_policy("namm", checkpoint=str(tmp_path / "run" / "best"), schedule="progressive")
+    assert explicit.schedule == "progressive"  # an explicit schedule wins over the checkpoint's
     assert -2 * MARGIN_CLIP <= best.provenance["mean_fitness"] <= 2 * MARGIN_CLIP
 
 
@@ -248,6 +275,10 @@ def test_bad_evolution_settings_are_refused():
         EvolveConfig(**common, budgets=[0.6, 0.2])
     with pytest.raises(ValueError, match="drop --memory-target"):
         EvolveConfig(**common, budgets=[0.2, 0.6], memory_target=0.4)
+    with pytest.raises(ValueError, match="add --question-after-compression"):
+        EvolveConfig(**common, schedule="prompt-end")
+    with pytest.raises(ValueError, match="unknown schedule 'once'"):
+        EvolveConfig(**common, schedule="once", question_after_compression=True)
 
 
 def test_threshold_calibration_hits_its_target(tiny):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from benchmark_modules import load_benchmark
 from test_evolve_helpers import save_tiny_model
@@ -54,3 +55,39 @@ def test_real_loglik_compares_several_candidates(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["policy"] for r in rows] == ["namm@zeros", "namm@gen-0010"]
     assert rows[0]["values"] != rows[1]["values"], "a different NAMM keeps different tokens"
+
+
+def test_baselines_run_on_each_schedule_asked_for():
+    module = load_benchmark("real_loglik")
+    own = module.baselines("streaming,snapkv", None, 0.25)
+    assert {k: p.schedule for k, p in own.items()} == {"streaming": "progressive", "snapkv": "prompt-end"}
+    both = module.baselines("streaming,", "progressive,prompt-end", 0.25)
+    assert {k: p.schedule for k, p in both.items()} == {"streaming:progressive": "progressive",
+                                                        "streaming:prompt-end": "prompt-end"}
+
+
+def test_recorded_evaluator_gives_real_evictions_values(tmp_path):
+    """Prompt-end NAMM and query-free baselines: compressing one full-cache recording per prompt is
+    real eviction exactly."""
+    module = load_benchmark("real_loglik")
+    model = save_tiny_model(tmp_path / "model")
+    zeros = zeros_checkpoint("mlp")
+    random = torch.randn(zeros.params.shape, generator=torch.Generator().manual_seed(1))
+    config = {**zeros.config, "selection": {"threshold": 0.0, "schedule": "prompt-end"}}
+    save_namm_checkpoint(tmp_path / "pe", random, zeros.mean, zeros.std, config)
+    common = ["--checkpoint", str(tmp_path / "pe"), "--model", str(model), "--tasks", "passkey,kv_retrieval",
+              "--length", "1100", "--samples", "1", "--budgets", "0.3", "--baselines", "streaming,recency",
+              "--question-after-compression"]
+    module.main(common + ["--baseline-schedules", "prompt-end", "--out", str(tmp_path / "real.json")])
+    module.main(common + ["--evaluator", "recorded", "--out", str(tmp_path / "recorded.json")])
+    real, recorded = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("real", "recorded"))
+    assert [r["policy"] for r in recorded["rows"]] == ["namm", "streaming:prompt-end", "recency:prompt-end"]
+    torch.testing.assert_close(torch.tensor(recorded["full_values"]), torch.tensor(real["full_values"]),
+                               rtol=0, atol=1e-4)
+    for a, b in zip(real["rows"], recorded["rows"]):
+        assert a["policy"] == b["policy"]
+        torch.testing.assert_close(torch.tensor(b["values"]), torch.tensor(a["values"]), rtol=0, atol=1e-4)
+        assert abs(a["cache_fraction"] - b["cache_fraction"]) < 0.01
+    assert recorded["rows"][1]["values"] != recorded["rows"][2]["values"], "streaming keeps its sinks"
+    with pytest.raises(ValueError, match="reads buffered queries"):
+        module.main(common[:-2] + ["h2o", "--question-after-compression", "--evaluator", "recorded"])

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from namm.commands.common import add_model_args, set_threads, show_progress, writable_dir
+from namm.policies.base import SCHEDULES
 
 EXAMPLES = """examples:
   namm evolve --model smollm2-135m --tasks passage_retrieval --length 1024 --prompts-per-task 4 \\
@@ -52,6 +53,10 @@ def add_parser(sub) -> None:
     p.add_argument("--question-after-compression", action="store_true",
                    help="query-agnostic training, as `namm eval --question-after-compression` evaluates: each "
                         "prompt's context is compressed before its question is read (tasks must separate the question)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="progressive",
+                   help="when members compress: progressive (default; every --n-up tokens, the paper's) or "
+                        "prompt-end (once, at the end of each context; needs --question-after-compression, and "
+                        "makes the proxy exact). The checkpoint records it and runs on it by default")
     p.add_argument("--hidden", metavar="N[,N...]", help="hidden layer sizes of the mlp scorer (default: linear)")
     p.add_argument("--prompts-per-task", type=int, default=8, help="prompts per task per generation (default 8)")
     p.add_argument("--train-prompts", type=int, default=None,
@@ -120,7 +125,7 @@ def config_from_args(args: argparse.Namespace):
         eval_batch_size=args.eval_batch_size, seed=args.seed, memory_target=args.memory_target,
         memory_weight=args.memory_weight, n_up=args.n_up, scorer=args.scorer, batched=not args.one_by_one,
         init_from=args.init_from, init_checkpoint=args.init_checkpoint,
-        question_after_compression=args.question_after_compression,
+        question_after_compression=args.question_after_compression, schedule=args.schedule,
     )
 
 

@@ -96,7 +96,10 @@ def record_prompt(model: PreTrainedModel, namm: NAMMPolicy, prompt_ids: Tensor, 
     """Run the full-cache model over ``prompt_ids`` up to its last update point, recording the
     features at every update and the keys and values at the end. With ``context_tokens``
     (query-agnostic) the last update point is the end of the context, compressed there whatever
-    the schedule, and the question is part of the continuation."""
+    the schedule, and the question is part of the continuation. On ``namm``'s prompt-end schedule
+    that is its only update, so the proxy gives real eviction's values exactly."""
+    if context_tokens is None and namm.schedule == "prompt-end":
+        raise ValueError(f"prompt {key}: the proxy replays the prompt-end schedule on query-agnostic prompts only")
     seen = last_update_point(len(prompt_ids), namm.n_up) if context_tokens is None else context_tokens
     if seen == 0:
         raise ValueError(f"prompt {key} has {len(prompt_ids)} tokens: it needs more than n_up = {namm.n_up} "
@@ -104,10 +107,11 @@ def record_prompt(model: PreTrainedModel, namm: NAMMPolicy, prompt_ids: Tensor, 
     if len(answer_ids) == 0:
         raise ValueError(f"prompt {key} has an empty reference answer")
     continuation = torch.cat([prompt_ids[seen:], answer_ids[:-1]])
-    if len(continuation) + 1 > namm.n_up:
+    if namm.schedule == "progressive" and len(continuation) + 1 > namm.n_up:
         raise ValueError(f"prompt {key}: {len(continuation) + 1} tokens after the last update point would cross "
                          f"another memory update (n_up = {namm.n_up}); the proxy replays updates of the prompt only")
     recorder = FeatureRecorder(namm)
+    recorder.schedule = namm.schedule
     runner = MemoryRunner(model, recorder, 1, chunk_size=chunk_size)
     with memory_attention_enabled(model):
         runner.feed([prompt_ids[:seen]])
@@ -164,11 +168,11 @@ def replay(prompt: ProxyPrompt, namm: NAMMPolicy, params: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def continuation_scores(model: PreTrainedModel, prompt: ProxyPrompt, held: Tensor | None,
-                        chunk_size: int = 512, statistic: str = "loglik") -> Tensor:
-    """(P,) answer statistic (:func:`namm.evolve.fitness.answer_statistic`) of the reference answer,
-    teacher-forced after the prompt, for each row of ``held`` ((P, L, H, U) bool, the tokens each
-    row keeps; None: all, one row)."""
+def continuation_logits(model: PreTrainedModel, prompt: ProxyPrompt, held: Tensor | None,
+                        chunk_size: int = 512) -> Tensor:
+    """(P, A, vocab) logits predicting each reference answer token, teacher-forced after the
+    prompt, for each row of ``held`` ((P, L, H, U) bool, the tokens each row keeps; None: all, one
+    row)."""
     L = prompt.num_layers
     H, U, _ = prompt.keys[0].shape
     if held is None:
@@ -186,11 +190,39 @@ def continuation_scores(model: PreTrainedModel, prompt: ProxyPrompt, held: Tenso
     runner.preload(layers, prompt.seen)
     with memory_attention_enabled(model):
         logits = runner.feed([prompt.continuation] * P, all_logits=True, keep=A)
-    tail = torch.stack([row[-A:] for row in logits])  # (P, A, vocab): the logits predicting the answer
-    values = answer_statistic(tail, prompt.answer, statistic)
+    tail = torch.stack([row[-A:] for row in logits])
     del runner, layers, logits
     gc.collect()  # free the P reduced caches now (their layers and cache reference each other)
-    return values.cpu()
+    return tail
+
+
+def continuation_scores(model: PreTrainedModel, prompt: ProxyPrompt, held: Tensor | None,
+                        chunk_size: int = 512, statistic: str = "loglik") -> Tensor:
+    """(P,) answer statistic (:func:`namm.evolve.fitness.answer_statistic`) of the reference answer
+    under each row of ``held`` (see :func:`continuation_logits`)."""
+    tail = continuation_logits(model, prompt, held, chunk_size)
+    return answer_statistic(tail, prompt.answer, statistic).cpu()
+
+
+def position_rule_held(prompt: ProxyPrompt, policy: MemoryPolicy) -> Tensor:
+    """(1, L, H, U) bool: what a baseline that reads no queries (``query_window == 0``: recency,
+    streaming, l2, ...) keeps when it compresses the recorded full cache once, at its end: on the
+    prompt-end schedule, exactly what real eviction keeps."""
+    if policy.query_window != 0:
+        raise ValueError(f"{policy.name} reads buffered queries, which a recording does not hold")
+    U = prompt.seen
+    device = prompt.keys[0].device
+    seen = torch.tensor([U], device=device)
+    masks = []
+    for l in range(prompt.num_layers):
+        keys, values = prompt.keys[l][None], prompt.values[l][None]
+        positions = torch.arange(U, device=device).expand(1, keys.shape[1], U)
+        window = int(prompt.windows[l])
+        view = LayerView(l, prompt.num_layers, keys, values, positions, None, None, seen, torch.zeros_like(seen),
+                         keys.shape[-1] ** -0.5, window if window < 1 << 40 else None, {},
+                         torch.zeros(1, dtype=torch.long, device=device))
+        masks.append(policy.select(view))
+    return torch.stack(masks, 1).cpu()
 
 
 def held_fraction(held: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from namm.policies.base import check_schedule
 from namm.evolve.cmaes import CMAES, CMAESConfig
 from namm.evolve.distributed import Workers
 from namm.evolve.fitness import (ANSWER_STATISTICS, AnswerScorer, MemoryTerm, PopulationScorer, Scores, TrainingPrompt, answer_fitness,
@@ -67,6 +68,7 @@ class EvolveConfig:
     evaluator: str = "real"  # "proxy" (recorded once per prompt, answer statistics only) or "real" (real eviction)
     budgets: list[float] | None = None  # budget mode: each generation draws a budget in [lo, hi]
     question_after_compression: bool = False  # query-agnostic: compress each context before its question
+    schedule: str = "progressive"  # or "prompt-end": one compression, at the end of each context
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -83,6 +85,10 @@ class EvolveConfig:
                 raise ValueError(f"--budgets must be two fractions 0 < lo <= hi <= 1, got {self.budgets}")
             if self.memory_target is not None:
                 raise ValueError("budget mode holds the memory fixed: drop --memory-target")
+        check_schedule(self.schedule)
+        if self.schedule == "prompt-end" and not self.question_after_compression:
+            raise ValueError("--schedule prompt-end compresses each context once, before its question: "
+                             "add --question-after-compression")
         if self.init_from and self.init_checkpoint:
             raise ValueError("give --init-from (a run's CMA-ES state) or --init-checkpoint (a NAMM's parameters), "
                              "not both")
@@ -135,7 +141,8 @@ class TrainerState:
 def build_policy(checkpoint: str | Path, config: EvolveConfig):
     from namm.policies.registry import make_policy
 
-    return make_policy("namm", checkpoint=str(checkpoint), n_up=config.n_up, scorer=config.scorer_spec)
+    return make_policy("namm", checkpoint=str(checkpoint), n_up=config.n_up, scorer=config.scorer_spec,
+                       schedule=config.schedule)
 
 
 class Trainer:
@@ -271,7 +278,7 @@ class Trainer:
                 "generation": generation, "mean_fitness": fitness, "population": self.config.population,
                 "separable": self.config.separable, "seed": self.config.seed, "trainer": "namm evolve",
                 "fitness": self.config.fitness, "evaluator": self.config.evaluator, "mode": self.config.mode,
-                "budgets": self.config.budgets,
+                "budgets": self.config.budgets, "schedule": self.config.schedule,
                 "protocol": "query-agnostic" if self.config.question_after_compression else "query-aware"}
 
     # ---- the loop ------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from namm.policies.base import SCHEDULES
 from namm.policies.namm.features import FeatureConfig, Normalization
 from namm.policies.namm.scorers import Scorer, make_scorer
 
@@ -96,6 +97,9 @@ def validate(ckpt: NAMMCheckpoint, where: str) -> None:
     threshold = config.get("selection", {}).get("threshold", 0.0)
     if not isinstance(threshold, (int, float)):
         raise ValueError(f"NAMM checkpoint {where}: selection threshold must be a number")
+    schedule = config.get("selection", {}).get("schedule", "progressive")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"NAMM checkpoint {where}: unknown schedule {schedule!r} (one of {', '.join(SCHEDULES)})")
 
 
 def shipped_dir() -> Path:

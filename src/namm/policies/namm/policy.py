@@ -99,6 +99,9 @@ class NAMMPolicy(MemoryPolicy):
         self.checkpoint_threshold = float(ckpt.config.get("selection", {}).get("threshold", 0.0)
                                           if self.threshold is None else self.threshold)
         self.threshold = self.checkpoint_threshold
+        schedule = ckpt.config.get("selection", {}).get("schedule")
+        if schedule is not None and "_schedule" not in self.__dict__:  # an explicit schedule wins
+            self.schedule = schedule
         self.caps = [Budget(int(self.max_tokens))] if self.max_tokens is not None else []
         self.caps += [Budget(float(self.max_fraction))] if self.max_fraction is not None else []
         self._budget_cap = None
@@ -132,8 +135,10 @@ class NAMMPolicy(MemoryPolicy):
         return self.net.num_params
 
     def config(self) -> dict:
-        """The checkpoint config of this policy (features, scorer, selection)."""
-        return namm_config(self.features, self.net.config(), self.checkpoint_threshold)
+        """The checkpoint config of this policy (features, scorer, selection with its schedule)."""
+        config = namm_config(self.features, self.net.config(), self.checkpoint_threshold)
+        config["selection"]["schedule"] = self.schedule
+        return config
 
     def set_population(self, params: Tensor | None) -> None:
         """Give batch row b the parameters ``params[b]`` ((P, num_params); the batch size must then
