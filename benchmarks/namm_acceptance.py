@@ -7,7 +7,7 @@
 Everything is query-agnostic (the context is compressed before the question is seen). For every
 length it runs ``namm compare`` (resumable: rerun the same command to continue):
 
-* budget mode: full, the NAMM at each budget on its own (progressive) schedule, and every
+* budget mode: full, the NAMM at each budget on its checkpoint's schedule, and every
   baseline at the same budgets on both query-agnostic schedules (progressive, and prompt-end:
   compressed once after the context);
 * threshold mode (with ``--threshold-checkpoint``): the NAMM on its threshold, then every baseline at
@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from namm.commands.compare import matched_budget
+from namm.policies.registry import make_policy
 
 BASELINES = "recency,streaming,h2o,l2,tova,random"
 SCHEDULES = ("progressive", "prompt-end")
@@ -50,8 +51,9 @@ def runs_of(args: argparse.Namespace, length: int) -> list[tuple[str, list[dict]
     """(mode, rows) of every compare run for one length."""
     root = Path(args.out) / f"L{length}"
     done = []
+    own = make_policy("namm", checkpoint=args.checkpoint).schedule  # the NAMM runs on its checkpoint's schedule
     for schedule in SCHEDULES:
-        policies = ("full,namm," if schedule == "progressive" else "") + args.baselines
+        policies = ("full,namm," if schedule == own else "") + args.baselines
         rows = compare(root / f"budget-{schedule}", length, args, policies, args.tasks, schedule,
                        ["--budgets", args.budgets], args.checkpoint)["rows"]
         done.append(("budget", rows))
