@@ -18,7 +18,7 @@ full cache). ``--question-after-compression``: the query-agnostic protocol, the 
 before the question is read. Every row also reports ``exact``, how many prompts greedy decoding
 would answer exactly (every answer token the argmax), and ``accuracy``, the share of answer tokens
 that are.
-The NAMM runs in budget mode at each budget on its checkpoint's schedule, every baseline at the same
+The NAMM runs in budget mode at each budget on its checkpoint's schedule (or ``--namm-schedule``), every baseline at the same
 budget on its own default schedule or on each of ``--baseline-schedules`` (rows ``NAME:SCHEDULE``). With several ``--checkpoint``s each NAMM row is named ``namm@<folder>``. Prints a table
 and (``--out``) writes the per-prompt values as JSON.
 """
@@ -39,7 +39,7 @@ from namm.eval.intervals import bootstrap_interval
 from namm.evolve.fitness import (ANSWER_STATISTICS, answer_fitness, answer_statistic, teacher_forced_logits,
                                  tokenize_samples)
 from namm.evolve.proxy import continuation_logits, position_rule_held, record_prompt, replay
-from namm.policies.base import MemoryPolicy
+from namm.policies.base import SCHEDULES, MemoryPolicy
 from namm.tasks import get_task
 
 TRAINING_TASKS = "niah_multikey,niah_multivalue,kv_retrieval,variable_tracking,passage_retrieval"
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline-schedules", default=None,
                    help="comma-separated schedules to run every baseline on (progressive, prompt-end); "
                         "default: each baseline's own")
+    p.add_argument("--namm-schedule", choices=SCHEDULES, default=None,
+                   help="run every NAMM checkpoint on this schedule (default: the one it records)")
     p.add_argument("--evaluator", choices=("real", "recorded"), default="real",
                    help="real (default): every policy reads every prompt under real eviction; recorded: each "
                         "context is read once with the full cache and every policy compresses that recording "
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     checkpoints = {("namm" if len(args.checkpoint) == 1 else f"namm@{Path(c).name}"): c for c in args.checkpoint}
     budgets = [float(b) for b in args.budgets.split(",")]
     schedules = "prompt-end" if args.evaluator == "recorded" else args.baseline_schedules
-    contenders = {budget: {**{label: namm.make_policy("namm", checkpoint=c, budget=budget)
+    contenders = {budget: {**{label: namm.make_policy("namm", checkpoint=c, budget=budget,
+                                                      schedule=args.namm_schedule)
                               for label, c in checkpoints.items()},
                            **baselines(args.baselines, schedules, budget)} for budget in budgets}
     start = time.perf_counter()

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> Path:
     path = save_namm_checkpoint(args.out, params, source.mean, source.std, config,
                                 {"kind": "hand-set", "rule": "streaming-like", "sink_share": args.sink_share,
                                  "normalization_from": str(args.normalization), "valid_up_to_tokens": int(limit)})
-    print(f"wrote {path}: sinks above {args.sink_share:.0%} of the attention, then the newest tokens "
+    print(f"wrote {path}: sinks above {args.sink_share:.1%} of the attention, then the newest tokens "
           f"(ranking valid up to {int(limit)} cached tokens)")
     return path
 
