@@ -39,3 +39,20 @@ def test_each_baseline_on_its_best_schedule_and_the_verdict(acc):
     assert "| budget | niah_single | 2048 | 0.25 | 32 | 80.0 | 50.0 [40.0, 60.0] | 0.250 | 40.0 [30.0, 50.0] " \
            "(progressive) | 55.0 [45.0, 65.0] (prompt-end) | no |" in text
     assert "≥95% of full at ≤0.5 KV: yes" in text
+
+
+@pytest.mark.parametrize("schedule", ["progressive", "prompt-end"])
+def test_the_namm_runs_on_its_checkpoints_schedule(acc, monkeypatch, tmp_path, schedule):
+    from namm.policies.namm.checkpoint import save_namm_checkpoint, zeros_checkpoint
+
+    zeros = zeros_checkpoint("mlp")
+    config = {**zeros.config, "selection": {"threshold": 0.0, "schedule": schedule}}
+    save_namm_checkpoint(tmp_path / "ckpt", zeros.params, zeros.mean, zeros.std, config)
+    calls = []
+    monkeypatch.setattr(acc, "compare", lambda out, length, args, policies, tasks, sched, budget_args, checkpoint:
+                        calls.append((sched, policies)) or {"rows": []})
+    args = argparse.Namespace(out=str(tmp_path / "out"), checkpoint=str(tmp_path / "ckpt"), baselines="streaming",
+                              tasks="passkey", budgets="0.25", threshold_checkpoint=None)
+    acc.runs_of(args, 2048)
+    assert dict(calls)[schedule] == "full,namm,streaming"
+    assert [p for s, p in calls if s != schedule] == ["streaming"]
