@@ -18,9 +18,10 @@ full cache). ``--question-after-compression``: the query-agnostic protocol, the 
 before the question is read. Every row also reports ``exact``, how many prompts greedy decoding
 would answer exactly (every answer token the argmax), and ``accuracy``, the share of answer tokens
 that are.
-The NAMM runs in budget mode at each budget on its checkpoint's schedule (or ``--namm-schedule``), every baseline at the same
-budget on its own default schedule or on each of ``--baseline-schedules`` (rows ``NAME:SCHEDULE``). With several ``--checkpoint``s each NAMM row is named ``namm@<folder>``. Prints a table
-and (``--out``) writes the per-prompt values as JSON.
+The NAMM runs in budget mode at each budget on its checkpoint's schedule (or ``--namm-schedule``),
+every baseline at the same budget on its own default schedule or on each of
+``--baseline-schedules`` (rows ``NAME:SCHEDULE``). With several ``--checkpoint``s each NAMM row is
+named ``namm@<folder>``. Prints a table and (``--out``) writes the per-prompt values as JSON.
 """
 
 from __future__ import annotations
@@ -118,9 +119,9 @@ def recorded_scores(model, prompts: list, contenders: dict[float, dict[str, Memo
         logits = continuation_logits(model, record, held)
         after = len(record.continuation) + 1
         cache = ((held.float().mean((1, 2)).sum(-1) + after) / (record.seen + after)).tolist()
+        stats = {name: answer_statistic(logits, record.answer, name).tolist() for name in STATISTICS}
         for i, key in enumerate([(None, "full")] + [(budget, label) for budget, label, _ in policies]):
-            stats = {name: float(answer_statistic(logits[i:i + 1], record.answer, name)) for name in STATISTICS}
-            values.setdefault(key, []).append((stats, cache[i]))
+            values.setdefault(key, []).append(({name: v[i] for name, v in stats.items()}, cache[i]))
         del record, logits
     return {key: ({name: torch.tensor([s[name] for s, _ in rows]) for name in STATISTICS},
                   sum(c for _, c in rows) / len(rows)) for key, rows in values.items()}

@@ -39,6 +39,7 @@ from namm.policies.namm.policy import NAMMPolicy
 from namm.policies.namm.selection import out_of_window, select_tokens
 
 GATHER_FLOATS = 1 << 25  # feature floats gathered at once during a replay (bounds its memory)
+NO_WINDOW = 1 << 40  # ProxyPrompt.windows of a global-attention layer
 
 
 @dataclass(eq=False)
@@ -126,7 +127,7 @@ def record_prompt(model: PreTrainedModel, namm: NAMMPolicy, prompt_ids: Tensor, 
                        keys=[layer.keys[0].clone() for layer in layers],
                        values=[layer.values[0].clone() for layer in layers],
                        continuation=continuation, answer=answer_ids.clone(),
-                       windows=torch.tensor([layer.sliding_window or 1 << 40 for layer in layers]))
+                       windows=torch.tensor([layer.sliding_window or NO_WINDOW for layer in layers]))
     del runner, recorder, layers
     gc.collect()  # the cache and its layers reference each other: free the prompt's full cache now
     return record
@@ -219,7 +220,7 @@ def position_rule_held(prompt: ProxyPrompt, policy: MemoryPolicy) -> Tensor:
         positions = torch.arange(U, device=device).expand(1, keys.shape[1], U)
         window = int(prompt.windows[l])
         view = LayerView(l, prompt.num_layers, keys, values, positions, None, None, seen, torch.zeros_like(seen),
-                         keys.shape[-1] ** -0.5, window if window < 1 << 40 else None, {},
+                         keys.shape[-1] ** -0.5, window if window < NO_WINDOW else None, {},
                          torch.zeros(1, dtype=torch.long, device=device))
         masks.append(policy.select(view))
     return torch.stack(masks, 1).cpu()

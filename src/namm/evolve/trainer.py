@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from namm.policies.base import check_schedule
 from namm.evolve.cmaes import CMAES, CMAESConfig
 from namm.evolve.distributed import Workers
 from namm.evolve.fitness import (ANSWER_STATISTICS, AnswerScorer, MemoryTerm, PopulationScorer, Scores, TrainingPrompt, answer_fitness,
                                  normalised_fitness, tokenize_samples)
 from namm.evolve.log import TrainingLog
+from namm.policies.base import check_schedule
 
 RUN_FILE = "run.json"
 TRAINER_STATE = "trainer.json"
