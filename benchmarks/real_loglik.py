@@ -88,17 +88,15 @@ def baselines(names: str, schedules: str | None, budget: float) -> dict:
 
 def recorded_scores(model, prompts: list, contenders: dict[float, dict[str, MemoryPolicy]]) -> dict:
     """``{(budget, label): (stats, cache fraction)}`` of every contender, and ``(None, "full")``, on
-    the recorded evaluator: each prompt's context is read once with the full cache and recorded
-    (:func:`namm.evolve.proxy.record_prompt`), every contender compresses that recording once (a NAMM
-    replays its selection, a baseline selects on the recorded keys), and one batched forward reads
-    the question and answer over every contender's cache. On the prompt-end schedule this is real
+    the recorded evaluator: each prompt (its context, if query-agnostic) is read once with the full
+    cache and recorded (:func:`namm.evolve.proxy.record_prompt`), every contender compresses that
+    recording once (a NAMM replays its selection, a baseline selects on the recorded keys), and one
+    batched forward reads the rest (question, if not read yet, and answer) over every contender's cache. On the prompt-end schedule this is real
     eviction exactly (tests/test_real_loglik.py checks it)."""
     policies = [(budget, label, policy) for budget, per in contenders.items() for label, policy in per.items()]
     namms = [policy for _, _, policy in policies if policy.name == "namm"]
     if not namms:
         raise ValueError("the recorded evaluator reads features through a NAMM: give a --checkpoint")
-    if any(p.context_tokens is None for p in prompts):
-        raise ValueError("the recorded evaluator is query-agnostic: add --question-after-compression")
     first = namms[0]
     for policy in namms:
         if policy.schedule != "prompt-end":
@@ -117,7 +115,7 @@ def recorded_scores(model, prompts: list, contenders: dict[float, dict[str, Memo
                         else position_rule_held(record, policy))
         held = torch.cat(held)
         logits = continuation_logits(model, record, held)
-        after = len(record.continuation) + 1
+        after = len(record.continuation)
         cache = ((held.float().mean((1, 2)).sum(-1) + after) / (record.seen + after)).tolist()
         stats = {name: answer_statistic(logits, record.answer, name).tolist() for name in STATISTICS}
         for i, key in enumerate([(None, "full")] + [(budget, label) for budget, label, _ in policies]):
@@ -149,9 +147,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="run every NAMM checkpoint on this schedule (default: the one it records)")
     p.add_argument("--evaluator", choices=("real", "recorded"), default="real",
                    help="real (default): every policy reads every prompt under real eviction; recorded: each "
-                        "context is read once with the full cache and every policy compresses that recording "
-                        "once, then reads the question and answer (exact for NAMMs evolved on the prompt-end "
-                        "schedule and for baselines that read no queries, all on prompt-end; query-agnostic only; "
+                        "prompt (its context, with --question-after-compression) is read once with the full cache "
+                        "and every policy compresses that recording once, then reads the rest and the answer "
+                        "(exact for NAMMs and for baselines that read no queries, all on the prompt-end schedule; "
                         "several times faster)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path)

@@ -137,19 +137,22 @@ def test_query_agnostic_proxy_matches_real_eviction(tiny, statistic):
                          query_agnostic=True)
 
 
-@pytest.mark.parametrize("budget", [0.3, None])
-def test_prompt_end_proxy_is_exact_past_many_update_points(tiny, budget):
-    """On the prompt-end schedule the context compresses once, at its end, however many n_up
-    boundaries it crossed: the proxy then gives real eviction's values exactly."""
+@pytest.mark.parametrize("budget,query_agnostic", [(0.3, True), (None, True), (0.3, False), (None, False)])
+def test_prompt_end_proxy_is_exact_past_many_update_points(tiny, budget, query_agnostic):
+    """On the prompt-end schedule the context (query-agnostic) or the whole prompt, question
+    included (query-aware), compresses once, at its end, however many n_up boundaries it crossed:
+    the proxy then gives real eviction's values exactly."""
     model, tokenizer = tiny
     samples = [(0, s) for s in get_task("passkey").samples(tokenizer, 300, 2, seed=5)]
-    prompts = tokenize_samples(tokenizer, model, samples, query_agnostic=True)
+    prompts = tokenize_samples(tokenizer, model, samples, query_agnostic=query_agnostic)
     policy = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=N_UP, budget=budget,
                               schedule="prompt-end")
     params = random_params(policy, 3, seed=1)
     scorer = ProxyScorer(model, policy, progress=False, statistic="margin")
     got = scorer.members(params, prompts)
     assert all(len(r.features) == 1 for r in scorer.records.values()), "prompt-end records one update"
+    assert all((r.lead_logits is None) == query_agnostic for r in scorer.records.values())
+    assert all(r.seen == (p.context_tokens or len(p.token_ids)) for r, p in zip(scorer.records.values(), prompts))
     policy.set_population(params)
     for i, p in enumerate(prompts):
         real = teacher_forced_scores(model, policy, [p] * len(params), statistic="margin")
@@ -275,10 +278,8 @@ def test_bad_evolution_settings_are_refused():
         EvolveConfig(**common, budgets=[0.6, 0.2])
     with pytest.raises(ValueError, match="drop --memory-target"):
         EvolveConfig(**common, budgets=[0.2, 0.6], memory_target=0.4)
-    with pytest.raises(ValueError, match="add --question-after-compression"):
-        EvolveConfig(**common, schedule="prompt-end")
     with pytest.raises(ValueError, match="unknown schedule 'once'"):
-        EvolveConfig(**common, schedule="once", question_after_compression=True)
+        EvolveConfig(**common, schedule="once")
 
 
 def test_threshold_calibration_hits_its_target(tiny):

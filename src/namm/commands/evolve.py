@@ -55,8 +55,9 @@ def add_parser(sub) -> None:
                         "prompt's context is compressed before its question is read (tasks must separate the question)")
     p.add_argument("--schedule", choices=SCHEDULES, default="progressive",
                    help="when members compress: progressive (default; every --n-up tokens, the paper's) or "
-                        "prompt-end (once, at the end of each context; needs --question-after-compression, and "
-                        "makes the proxy exact). The checkpoint records it and runs on it by default")
+                        "prompt-end (once, at the end of each prompt, after its question, or of its context with "
+                        "--question-after-compression; makes the proxy exact). The checkpoint records it and runs on "
+                        "it by default")
     p.add_argument("--hidden", metavar="N[,N...]", help="hidden layer sizes of the mlp scorer (default: linear)")
     p.add_argument("--prompts-per-task", type=int, default=8, help="prompts per task per generation (default 8)")
     p.add_argument("--train-prompts", type=int, default=None,

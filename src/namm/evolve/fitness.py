@@ -16,6 +16,7 @@ with its own parameters (``policy.set_population``).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -267,14 +268,16 @@ def teacher_forced_logits(model, policy: MemoryPolicy, prompts: list[TrainingPro
                           chunk_size: int = 128) -> list[tuple[Tensor, float]]:
     """((A, vocab) logits predicting the reference answer, cache fraction at the end) of each
     prompt, one batch row each, with ``policy`` managing the cache while the prompt and the answer
-    are read. Query-agnostic prompts (all or none of them): the context is read and compressed,
-    then the question and the answer are read with updates held, as :func:`namm.generate` does
-    with ``question=``."""
+    are read, as :func:`namm.generate` reads them: the prompt, then (a prompt-end policy compresses
+    here) the answer. Query-agnostic prompts (all or none of them): the context is read and
+    compressed, then the question and the answer are read with updates held, as
+    :func:`namm.generate` does with ``question=``."""
     agnostic = {p.context_tokens is not None for p in prompts}
     if len(agnostic) != 1:
         raise ValueError("prompts of one batch must all be query-agnostic or all query-aware")
+    query_agnostic = agnostic == {True}
     rows = [torch.cat([p.token_ids, p.answer_ids[:-1]]) for p in prompts]
-    cut = [p.context_tokens if p.context_tokens is not None else len(r) for p, r in zip(prompts, rows)]
+    cut = [p.context_tokens if query_agnostic else len(p.token_ids) for p in prompts]
     longest = max(len(p.answer_ids) for p in prompts)
     runner = MemoryRunner(model, policy, len(rows), chunk_size=chunk_size)
     with memory_attention_enabled(model):
@@ -282,13 +285,14 @@ def teacher_forced_logits(model, policy: MemoryPolicy, prompts: list[TrainingPro
         shared = runner.shareable(heads)
         if shared:
             runner.feed_shared(heads[0][:shared])
-        query_agnostic = agnostic == {True}
-        # query-agnostic: the answer's logits come from the second feed, so the context's are not computed
-        logits = runner.feed([h[shared:] for h in heads], all_logits=not query_agnostic, keep=longest)
+        last = runner.feed([h[shared:] for h in heads])  # (B, vocab): query-aware, the answer's first token
         if query_agnostic:
             runner.end_context()
-            with runner.updates_held():
-                logits = runner.feed([r[c:] for r, c in zip(rows, cut)], all_logits=True, keep=longest)
+        else:
+            runner.end_prompt()
+        with runner.updates_held() if query_agnostic else nullcontext():
+            rest = runner.feed([r[c:] for r, c in zip(rows, cut)], all_logits=True, keep=longest)
+        logits = [torch.cat([last[b, None].float(), rest[b]]) for b in range(len(rows))]
     counts = runner.cache.token_counts().cpu().double()
     return [(logits[b][-len(p.answer_ids):], float(counts[:, b].mean() / runner.seen[b]))
             for b, p in enumerate(prompts)]

@@ -1,10 +1,11 @@
 """The proxy evaluator: NAMM members scored on data recorded once per prompt (docs/algorithm.md §8).
 
 Once per training prompt and run, the full-cache model reads the prompt up to its last memory
-update ``U``: the largest multiple of ``n_up`` before the last prompt token or, for a
-query-agnostic prompt, the end of its context (where every policy compresses before the question). At every update it
-records the normalised NAMM features of every cached token, and at the end every layer's keys and
-values. A member then costs only
+update ``U``: the largest multiple of ``n_up`` before the last prompt token, the end of the
+whole prompt on the prompt-end schedule or, for a query-agnostic prompt, the end of its context
+(where every policy compresses before the question). At every update it records the normalised
+NAMM features of every cached token, and at the end every layer's keys and values. A member then
+costs only
 
 * a replay of the progressive schedule: at each update its scorer scores the recorded features of
   the tokens it still holds and the NAMM selection (threshold or budget) decides which survive, and
@@ -80,6 +81,8 @@ class ProxyPrompt:
     continuation: Tensor  # prompt tokens after U, then the answer without its last token
     answer: Tensor  # (A,) reference answer token ids
     windows: Tensor  # (L,) each layer's sliding window (a huge value for global layers)
+    lead_logits: Tensor | None = None  # (1, vocab): the full cache's prediction of the answer's first
+    # token when U is the prompt's end (query-aware prompt-end: computed before the compression)
 
     @property
     def num_layers(self) -> int:
@@ -97,11 +100,15 @@ def record_prompt(model: PreTrainedModel, namm: NAMMPolicy, prompt_ids: Tensor, 
     """Run the full-cache model over ``prompt_ids`` up to its last update point, recording the
     features at every update and the keys and values at the end. With ``context_tokens``
     (query-agnostic) the last update point is the end of the context, compressed there whatever
-    the schedule, and the question is part of the continuation. On ``namm``'s prompt-end schedule
-    that is its only update, so the proxy gives real eviction's values exactly."""
-    if context_tokens is None and namm.schedule == "prompt-end":
-        raise ValueError(f"prompt {key}: the proxy replays the prompt-end schedule on query-agnostic prompts only")
-    seen = last_update_point(len(prompt_ids), namm.n_up) if context_tokens is None else context_tokens
+    the schedule, and the question is part of the continuation. Otherwise, on ``namm``'s
+    prompt-end schedule, it is the end of the whole prompt (the compression reads the question's
+    queries) and the continuation is the answer alone. On the prompt-end schedule that is the only
+    update, so the proxy gives real eviction's values exactly."""
+    prompt_end = context_tokens is None and namm.schedule == "prompt-end"
+    if context_tokens is not None:
+        seen = context_tokens
+    else:
+        seen = len(prompt_ids) if prompt_end else last_update_point(len(prompt_ids), namm.n_up)
     if seen == 0:
         raise ValueError(f"prompt {key} has {len(prompt_ids)} tokens: it needs more than n_up = {namm.n_up} "
                          f"to see a memory update")
@@ -115,9 +122,11 @@ def record_prompt(model: PreTrainedModel, namm: NAMMPolicy, prompt_ids: Tensor, 
     recorder.schedule = namm.schedule
     runner = MemoryRunner(model, recorder, 1, chunk_size=chunk_size)
     with memory_attention_enabled(model):
-        runner.feed([prompt_ids[:seen]])
+        last = runner.feed([prompt_ids[:seen]])
         if context_tokens is not None:
             runner.end_context()
+        elif prompt_end:
+            runner.end_prompt()
     layers = runner.cache.layers
     expected = torch.arange(seen, device=layers[0].positions.device)
     if any(not bool((layer.positions[0] == expected).all()) for layer in layers):
@@ -127,7 +136,8 @@ def record_prompt(model: PreTrainedModel, namm: NAMMPolicy, prompt_ids: Tensor, 
                        keys=[layer.keys[0].clone() for layer in layers],
                        values=[layer.values[0].clone() for layer in layers],
                        continuation=continuation, answer=answer_ids.clone(),
-                       windows=torch.tensor([layer.sliding_window or NO_WINDOW for layer in layers]))
+                       windows=torch.tensor([layer.sliding_window or NO_WINDOW for layer in layers]),
+                       lead_logits=last.float().clone() if prompt_end else None)
     del runner, recorder, layers
     gc.collect()  # the cache and its layers reference each other: free the prompt's full cache now
     return record
@@ -186,13 +196,17 @@ def continuation_logits(model: PreTrainedModel, prompt: ProxyPrompt, held: Tenso
         keys = gather_slots(prompt.keys[l].expand(P, *prompt.keys[l].shape), order, 2)
         values = gather_slots(prompt.values[l].expand(P, *prompt.values[l].shape), order, 2)
         layers.append((keys, values, torch.where(real, order, -1)))
-    A = len(prompt.answer)
-    runner = MemoryRunner(model, make_policy("full"), P, chunk_size=chunk_size)
-    runner.preload(layers, prompt.seen)
-    with memory_attention_enabled(model):
-        logits = runner.feed([prompt.continuation] * P, all_logits=True, keep=A)
-    tail = torch.stack([row[-A:] for row in logits])
-    del runner, layers, logits
+    parts = [] if prompt.lead_logits is None else [prompt.lead_logits.to(device)[None].expand(P, -1, -1)]
+    A = len(prompt.answer) - sum(part.shape[1] for part in parts)  # answer tokens read over the reduced caches
+    if A:
+        runner = MemoryRunner(model, make_policy("full"), P, chunk_size=chunk_size)
+        runner.preload(layers, prompt.seen)
+        with memory_attention_enabled(model):
+            logits = runner.feed([prompt.continuation] * P, all_logits=True, keep=A)
+        parts.append(torch.stack([row[-A:] for row in logits]))
+        del runner, logits
+    tail = torch.cat(parts, 1)
+    del layers
     gc.collect()  # free the P reduced caches now (their layers and cache reference each other)
     return tail
 

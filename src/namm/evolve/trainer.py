@@ -68,7 +68,7 @@ class EvolveConfig:
     evaluator: str = "real"  # "proxy" (recorded once per prompt, answer statistics only) or "real" (real eviction)
     budgets: list[float] | None = None  # budget mode: each generation draws a budget in [lo, hi]
     question_after_compression: bool = False  # query-agnostic: compress each context before its question
-    schedule: str = "progressive"  # or "prompt-end": one compression, at the end of each context
+    schedule: str = "progressive"  # or "prompt-end": one compression, at the end of each prompt (context)
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -86,9 +86,6 @@ class EvolveConfig:
             if self.memory_target is not None:
                 raise ValueError("budget mode holds the memory fixed: drop --memory-target")
         check_schedule(self.schedule)
-        if self.schedule == "prompt-end" and not self.question_after_compression:
-            raise ValueError("--schedule prompt-end compresses each context once, before its question: "
-                             "add --question-after-compression")
         if self.init_from and self.init_checkpoint:
             raise ValueError("give --init-from (a run's CMA-ES state) or --init-checkpoint (a NAMM's parameters), "
                              "not both")
