@@ -4,14 +4,15 @@
         [--threshold-checkpoint C] [--tasks niah_single,passkey,multidoc_qa] [--lengths 2048,4096] \\
         [--samples 32] [--seed 100] [--budgets 0.25,0.5] [--out docs/results/namm-acceptance]
 
-Everything is query-agnostic (the context is compressed before the question is seen). For every
-length it runs ``namm compare`` (resumable: rerun the same command to continue):
+Every baseline is query-agnostic (the context is compressed before the question is seen). The
+NAMM runs on its checkpoint's schedule and protocol (query-aware when it was evolved so: compressed
+after the question, whose queries its features read), or on ``--namm-protocol``. For every length
+it runs ``namm compare`` (resumable: rerun the same command to continue):
 
-* budget mode: full, the NAMM at each budget on its checkpoint's schedule, and every
-  baseline at the same budgets on both query-agnostic schedules (progressive, and prompt-end:
-  compressed once after the context);
+* budget mode: full and the NAMM at each budget, and every baseline at the same budgets on both
+  query-agnostic schedules (progressive, and prompt-end: compressed once after the context);
 * threshold mode (with ``--threshold-checkpoint``): the NAMM on its threshold, then every baseline at
-  the NAMM's measured mean KV fraction per task (``--match-cache namm``), on both schedules.
+  the NAMM's measured mean KV fraction per task, on both schedules.
 
 Each baseline is then taken on whichever schedule scores best for it on that task, length and
 budget, and ``OUT/README.md`` / ``OUT/summary.json`` say, row by row, whether the NAMM is above every
@@ -28,6 +29,7 @@ import sys
 from pathlib import Path
 
 from namm.commands.compare import matched_budget
+from namm.policies.namm.checkpoint import load_namm_checkpoint
 from namm.policies.registry import make_policy
 
 BASELINES = "recency,streaming,h2o,l2,tova,random"
@@ -35,36 +37,46 @@ SCHEDULES = ("progressive", "prompt-end")
 
 
 def compare(out: Path, length: int, args: argparse.Namespace, policies: str, tasks: str, schedule: str,
-            budget_args: list[str], checkpoint: str) -> dict:
+            budget_args: list[str], checkpoint: str, query_agnostic: bool = True) -> dict:
     """Run (or resume) one ``namm compare`` and return its results.json."""
     command = [sys.executable, "-m", "namm", "compare", "--model", args.model, "--policies", policies,
                "--tasks", tasks, "--length", str(length), "--samples", str(args.samples),
                "--seed", str(args.seed), "--checkpoint", checkpoint, "--schedule", schedule,
-               "--question-after-compression", "--batch-size", str(args.batch_size), "--quiet", "--out", str(out),
-               *budget_args, *(["--threads", str(args.threads)] if args.threads else [])]
+               *(["--question-after-compression"] if query_agnostic else []), "--batch-size", str(args.batch_size),
+               "--quiet", "--out", str(out), *budget_args, *(["--threads", str(args.threads)] if args.threads else [])]
     print("$", " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "results.json").read_text())
 
 
+def namm_protocol(args: argparse.Namespace) -> str:
+    """The NAMM's protocol: ``--namm-protocol``, else the one its checkpoint was evolved on."""
+    if args.namm_protocol:
+        return args.namm_protocol
+    return load_namm_checkpoint(args.checkpoint).provenance.get("protocol", "query-agnostic")
+
+
 def runs_of(args: argparse.Namespace, length: int) -> list[tuple[str, list[dict]]]:
     """(mode, rows) of every compare run for one length."""
     root = Path(args.out) / f"L{length}"
-    done = []
     own = make_policy("namm", checkpoint=args.checkpoint).schedule  # the NAMM runs on its checkpoint's schedule
+    protocol = namm_protocol(args)
+    agnostic = protocol == "query-agnostic"
+    done = [("budget", compare(root / f"budget-namm-{own}-{protocol}", length, args, "full,namm", args.tasks, own,
+                               ["--budgets", args.budgets], args.checkpoint, agnostic)["rows"])]
     for schedule in SCHEDULES:
-        policies = ("full,namm," if schedule == own else "") + args.baselines
-        rows = compare(root / f"budget-{schedule}", length, args, policies, args.tasks, schedule,
-                       ["--budgets", args.budgets], args.checkpoint)["rows"]
-        done.append(("budget", rows))
+        done.append(("budget", compare(root / f"budget-{schedule}", length, args, args.baselines, args.tasks, schedule,
+                                       ["--budgets", args.budgets], args.checkpoint)["rows"]))
     if args.threshold_checkpoint:
-        rows = compare(root / "threshold-progressive", length, args, "namm," + args.baselines, args.tasks,
-                       "progressive", ["--match-cache", "namm"], args.threshold_checkpoint)["rows"]
+        threshold_own = make_policy("namm", checkpoint=args.threshold_checkpoint).schedule
+        rows = compare(root / f"threshold-namm-{threshold_own}-{protocol}", length, args, "namm", args.tasks,
+                       threshold_own, [], args.threshold_checkpoint, agnostic)["rows"]
         done.append(("threshold", rows))
-        for r in [r for r in rows if r["policy"] == "namm"]:  # the same budgets, compressed once
-            again = compare(root / f"threshold-prompt-end-{r['task']}", length, args, args.baselines, r["task"],
-                            "prompt-end", ["--budgets", matched_budget(r["kv_fraction"])], args.checkpoint)["rows"]
-            done.append(("threshold", again))
+        for r in [r for r in rows if r["policy"] == "namm"]:  # the baselines at the NAMM's measured fraction
+            for schedule in SCHEDULES:
+                again = compare(root / f"threshold-{schedule}-{r['task']}", length, args, args.baselines, r["task"],
+                                schedule, ["--budgets", matched_budget(r["kv_fraction"])], args.checkpoint)["rows"]
+                done.append(("threshold", again))
     return done
 
 
@@ -124,10 +136,11 @@ def markdown(lines: list[dict], baselines: list[str], args: argparse.Namespace) 
             verdict += "; ≥95% of full at ≤0.5 KV: " + ("yes" if ln["keeps_95_at_half"] else "no")
         out.append("| " + " | ".join(cells + [verdict]) + " |")
     return "\n".join([
-        "# NAMM vs the baselines at equal memory (query-agnostic)",
+        "# NAMM vs the baselines at equal memory (baselines query-agnostic)",
         "",
         f"NAMM checkpoint: `{args.checkpoint}`"
-        + (f"; threshold mode: `{args.threshold_checkpoint}`" if args.threshold_checkpoint else "") + ".",
+        + (f"; threshold mode: `{args.threshold_checkpoint}`" if args.threshold_checkpoint else "")
+        + f"; the NAMM runs {namm_protocol(args)}.",
         f"Tasks {args.tasks}, seed {args.seed}, {args.samples} samples per task and length; model {args.model}. "
         "Each baseline cell is its score on whichever query-agnostic schedule (progressive, or prompt-end: "
         "compressed once after the context) scored best for it on that row; score 0-100 with a bootstrap 95% "
@@ -146,6 +159,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="budget-mode NAMM checkpoint (a run's best/ or a shipped name)")
     p.add_argument("--threshold-checkpoint", help="threshold-mode checkpoint (from `namm finalize`); omit to skip")
+    p.add_argument("--namm-protocol", choices=("query-agnostic", "query-aware"), default=None,
+                   help="the NAMM's protocol (default: the one its checkpoint was evolved on; baselines are always "
+                        "query-agnostic)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tasks", default="niah_single,passkey,multidoc_qa")
     p.add_argument("--lengths", default="2048,4096")

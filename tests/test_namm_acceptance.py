@@ -34,25 +34,39 @@ def test_each_baseline_on_its_best_schedule_and_the_verdict(acc):
     assert threshold["above_every_baseline"] and threshold["keeps_95_at_half"]
     assert threshold["normalised"] == pytest.approx(97.5)
     args = argparse.Namespace(checkpoint="c", threshold_checkpoint="t", tasks="niah_single", seed=100, samples=32,
-                              model="smollm2-135m")
+                              model="smollm2-135m", namm_protocol="query-aware")
     text = acc.markdown([budget, threshold], ["streaming", "h2o"], args)
     assert "| budget | niah_single | 2048 | 0.25 | 32 | 80.0 | 50.0 [40.0, 60.0] | 0.250 | 40.0 [30.0, 50.0] " \
            "(progressive) | 55.0 [45.0, 65.0] (prompt-end) | no |" in text
     assert "≥95% of full at ≤0.5 KV: yes" in text
+    assert "the NAMM runs query-aware" in text
 
 
-@pytest.mark.parametrize("schedule", ["progressive", "prompt-end"])
-def test_the_namm_runs_on_its_checkpoints_schedule(acc, monkeypatch, tmp_path, schedule):
+@pytest.mark.parametrize("schedule,protocol", [("progressive", "query-agnostic"), ("prompt-end", "query-agnostic"),
+                                               ("prompt-end", "query-aware")])
+def test_the_namm_runs_on_its_checkpoints_schedule_and_protocol(acc, monkeypatch, tmp_path, schedule, protocol):
+    """The NAMM runs alone, on its checkpoint's schedule and protocol (in threshold mode too); every
+    baseline runs query-agnostic on both schedules, in threshold mode at the NAMM's measured fraction."""
     from namm.policies.namm.checkpoint import save_namm_checkpoint, zeros_checkpoint
 
     zeros = zeros_checkpoint("mlp")
     config = {**zeros.config, "selection": {"threshold": 0.0, "schedule": schedule}}
-    save_namm_checkpoint(tmp_path / "ckpt", zeros.params, zeros.mean, zeros.std, config)
+    save_namm_checkpoint(tmp_path / "ckpt", zeros.params, zeros.mean, zeros.std, config, {"protocol": protocol})
     calls = []
-    monkeypatch.setattr(acc, "compare", lambda out, length, args, policies, tasks, sched, budget_args, checkpoint:
-                        calls.append((sched, policies)) or {"rows": []})
+
+    def fake_compare(out, length, args, policies, tasks, sched, budget_args, checkpoint, query_agnostic=True):
+        calls.append((policies, sched, budget_args, query_agnostic))
+        return {"rows": [{"policy": "namm", "task": "passkey", "kv_fraction": 0.31}] if policies == "namm" else []}
+
+    monkeypatch.setattr(acc, "compare", fake_compare)
     args = argparse.Namespace(out=str(tmp_path / "out"), checkpoint=str(tmp_path / "ckpt"), baselines="streaming",
-                              tasks="passkey", budgets="0.25", threshold_checkpoint=None)
+                              tasks="passkey", budgets="0.25", threshold_checkpoint=str(tmp_path / "ckpt"),
+                              namm_protocol=None)
     acc.runs_of(args, 2048)
-    assert dict(calls)[schedule] == "full,namm,streaming"
-    assert [p for s, p in calls if s != schedule] == ["streaming"]
+    agnostic = protocol == "query-agnostic"
+    assert calls == [("full,namm", schedule, ["--budgets", "0.25"], agnostic),
+                     ("streaming", "progressive", ["--budgets", "0.25"], True),
+                     ("streaming", "prompt-end", ["--budgets", "0.25"], True),
+                     ("namm", schedule, [], agnostic),
+                     ("streaming", "progressive", ["--budgets", "0.3100"], True),
+                     ("streaming", "prompt-end", ["--budgets", "0.3100"], True)]
