@@ -64,7 +64,7 @@ class NoReuse(Views):
 @pytest.mark.parametrize("name, options", [
     ("h2o", {"budget": 0.5}),  # query window None: every query since the previous update
     ("tova", {"budget": 0.5}),  # window 1
-    ("namm", {"checkpoint": "smollm2-135m", "budget": 0.4}),  # window n_up
+    ("namm", {"checkpoint": "smollm2-135m", "budget": 0.4, "schedule": "progressive"}),  # window n_up
 ])
 def test_reused_attention_changes_nothing(kind, name, options):
     model = tiny_model(kind)

@@ -107,8 +107,8 @@ class EvictionCounter(WrappedPolicy):
 @pytest.mark.parametrize("options", [{"budget": 0.3}, {"max_fraction": 0.4}], ids=["budget", "threshold-capped"])
 def test_namm_with_less_folds_every_evicted_token_exactly_once(options):
     model = tiny_model("llama-gqa")
-    less = LessPolicy(namm.make_policy("namm", checkpoint="smollm2-135m", n_up=32, **options),  # the shipped NAMM
-                      active_kernels(model))
+    shipped = namm.make_policy("namm", checkpoint="smollm2-135m", n_up=32, schedule="progressive", **options)
+    less = LessPolicy(shipped, active_kernels(model))
     prompts = [random_prompt(150, seed=5), random_prompt(97, seed=6)]
     counter = EvictionCounter(less, 3, 2, 2, 150)
     runner = MemoryRunner(model, counter, 2, chunk_size=16)
@@ -318,7 +318,8 @@ def test_training_on_the_shipped_namm_evictions(tmp_path):
     from namm.less.training import TrainConfig, train_less
 
     model = tiny_model("llama-gqa")
-    policy = namm.make_policy("namm", checkpoint="smollm2-135m", budget=0.3)  # the shipped NAMM, its n_up
+    policy = namm.make_policy("namm", checkpoint="smollm2-135m", budget=0.3,
+                              schedule="progressive")  # the shipped NAMM, its n_up
     assert policy.n_up == 512
     config = TrainConfig(sequences=2, seq_len=640, queries_per_seq=16, steps=3, batch_sequences=2, hidden=8, rank=4)
     path = train_less(model, ByteTokenizer(), policy, tmp_path, config, {"policy": "namm"}, progress=False)

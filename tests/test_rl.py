@@ -103,9 +103,11 @@ def test_rollout_with_namm_runs_and_evicts():
     model = tiny_dt()
     full = rollout(model, namm.make_policy("full"), [1, 2, 3])
     assert (full.updates == 0).all() and np.allclose(full.kv_fraction_end, 1.0)
-    threshold = rollout(model, namm.make_policy("namm", checkpoint="smollm2-135m", n_up=16), [1, 2, 3])
+    threshold = rollout(model, namm.make_policy("namm", checkpoint="smollm2-135m", n_up=16, schedule="progressive"),
+                        [1, 2, 3])
     assert (threshold.lengths >= 1).all() and (threshold.updates > 0).any()
-    budget = rollout(model, namm.make_policy("namm", checkpoint="smollm2-135m", budget=0.5, n_up=16), [1, 2, 3])
+    budget = rollout(model, namm.make_policy("namm", checkpoint="smollm2-135m", budget=0.5, n_up=16,
+                                            schedule="progressive"), [1, 2, 3])
     assert (budget.updates > 0).any()
     assert np.nanmax(budget.kv_fraction) <= 0.5 + 1e-9 and (budget.kv_fraction_end < 1).any()
     assert (budget.returns == budget.lengths).all()  # CartPole: one reward per step

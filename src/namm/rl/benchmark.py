@@ -60,6 +60,12 @@ def run_policy(model: DecisionTransformer, make, seeds: list[int], episodes: int
     return [rollout(model, make(), env_seeds(s, episodes)) for s in seeds], time.perf_counter() - start
 
 
+def namm_policy(checkpoint: str, n_up: int | None, budget: float | None = None):
+    """The NAMM of a rollout, on the progressive schedule whatever its checkpoint records: an
+    episode has no prompt end to compress at."""
+    return make_policy("namm", checkpoint=checkpoint, n_up=n_up, budget=budget, schedule="progressive")
+
+
 def run_benchmark(model: DecisionTransformer, seeds: list[int], episodes: int, checkpoint: str,
                   n_up: int | None = None, extra_budgets: tuple[float, ...] = (), retention_episodes: int = 16,
                   log=print) -> dict:
@@ -74,13 +80,13 @@ def run_benchmark(model: DecisionTransformer, seeds: list[int], episodes: int, c
 
     rows: list[dict] = []
     run("full", None, lambda: make_policy("full"))
-    namm_runs = run(namm_name, None, lambda: make_policy("namm", checkpoint=checkpoint, n_up=n_up))
+    namm_runs = run(namm_name, None, lambda: namm_policy(checkpoint, n_up))
     matched = round(rows[-1]["kv_fraction_after_update"], 3)
     n_up_used = namm_runs[0].runner.policy.n_up
     extras = [(name, b) for b in extra_budgets for name in ("recency", "h2o", f"{namm_name} budget mode")]
     for name, budget in [("recency", matched), ("h2o", matched), *extras]:
         if name == namm_name + " budget mode":
-            run(name, budget, lambda: make_policy("namm", checkpoint=checkpoint, n_up=n_up_used, budget=budget))
+            run(name, budget, lambda: namm_policy(checkpoint, n_up_used, budget))
         else:
             run(name, budget, lambda: make_policy(name, budget=budget, n_up=n_up_used))
     retention = retention_views(model, checkpoint, n_up, namm_runs[0], retention_episodes)
@@ -97,7 +103,7 @@ def retention_views(model: DecisionTransformer, checkpoint: str, n_up: int | Non
     rollouts of the first seed (label: steps where the DT's action differs from the expert's)."""
     steps = model.config.max_steps
     behaviour = generate_trajectories(episodes, seed=999, epsilon=0.1)
-    runner = teacher_forced(model, make_policy("namm", checkpoint=checkpoint, n_up=n_up), behaviour)
+    runner = teacher_forced(model, namm_policy(checkpoint, n_up), behaviour)
     flipped = np.zeros((episodes, steps), dtype=bool)
     for i, tr in enumerate(behaviour):
         flipped[i, :len(tr.flipped)] = tr.flipped
