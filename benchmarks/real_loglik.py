@@ -91,8 +91,9 @@ def recorded_scores(model, prompts: list, contenders: dict[float, dict[str, Memo
     the recorded evaluator: each prompt (its context, if query-agnostic) is read once with the full
     cache and recorded (:func:`namm.evolve.proxy.record_prompt`), every contender compresses that
     recording once (a NAMM replays its selection, a baseline selects on the recorded keys), and one
-    batched forward reads the rest (question, if not read yet, and answer) over every contender's cache. On the prompt-end schedule this is real
-    eviction exactly (tests/test_real_loglik.py checks it)."""
+    batched forward reads the rest (question, if not read yet, and answer) over every contender's
+    cache. On the prompt-end schedule this is real eviction exactly (tests/test_real_loglik.py
+    checks it)."""
     policies = [(budget, label, policy) for budget, per in contenders.items() for label, policy in per.items()]
     namms = [policy for _, _, policy in policies if policy.name == "namm"]
     if not namms:
