@@ -114,6 +114,35 @@ def kvpress_command(python: str, prompts: Path, model: Path, rows: Path, verify:
     return cmd + (["--verify"] if verify else [])
 
 
+def read_namm_arm(out: Path, group: list[Sample], metrics: dict) -> Arm | None:
+    """One namm arm from its evaluation folder, or None when it has not covered every sample."""
+    path = out / "predictions.jsonl"
+    if not path.exists():
+        return None
+    rows = {r["id"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    if any(s.id not in rows for s in group):
+        return None
+    return Arm([100.0 * rows[s.id]["score"] for s in group], metrics["kv_fraction"], metrics.get("schedule"),
+               [rows[s.id]["prediction"] for s in group])
+
+
+def namm_arms_on_disk(samples: dict[str, list[Sample]], work: Path) -> dict[tuple, Arm]:
+    """The namm arms a previous run finished, read without running anything (``--table-only``)."""
+    arms: dict[tuple, Arm] = {}
+    for task, group in samples.items():
+        for protocol in PROTOCOLS:
+            for _, name in PAIRS:
+                out = work / "namm" / task / f"{name}-{protocol}"
+                if name is None or not (out / "metrics.json").exists():
+                    continue
+                arm = read_namm_arm(out, group, json.loads((out / "metrics.json").read_text(encoding="utf-8")))
+                if arm is not None:
+                    arms[(task, protocol, name)] = arm
+        if (task, QUERY_AWARE, "full") in arms:
+            arms[(task, QUERY_AGNOSTIC, "full")] = arms[(task, QUERY_AWARE, "full")]
+    return arms
+
+
 def run_namm(model, tokenizer, samples: dict[str, list[Sample]], work: Path, budget: float) -> dict[tuple, Arm]:
     """namm's arms: the full cache (query-aware; it never compresses, so it is also the
     query-agnostic reference) and every counterpart in both protocols."""
@@ -126,9 +155,7 @@ def run_namm(model, tokenizer, samples: dict[str, list[Sample]], work: Path, bud
             t0 = time.perf_counter()
             metrics = evaluate(model, tokenizer, policy, group, out_dir=out, progress=False, task=task,
                                model_name="smollm2-135m", question_after_compression=protocol == QUERY_AGNOSTIC)
-            rows = {r["id"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
-            arms[(task, protocol, name)] = Arm([100.0 * rows[s.id]["score"] for s in group], metrics["kv_fraction"],
-                                               metrics.get("schedule"), [rows[s.id]["prediction"] for s in group])
+            arms[(task, protocol, name)] = read_namm_arm(out, group, metrics)
             print(f"namm {task} {protocol} {name}: {metrics['score']:.1f} ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
     for task in samples:
@@ -230,6 +257,14 @@ def kept_findings(path: Path) -> str:
     return text[at + 1:].rstrip() + "\n" if at >= 0 else ""
 
 
+def partial_note(meta: dict) -> str:
+    """The warning above a table written by ``--table-only`` (empty for a complete run)."""
+    if not meta.get("partial"):
+        return ""
+    return ("**Partial table** (`--table-only`): it holds only the arms that had covered every prompt of their "
+            "task when it was written; a missing row has not finished yet, it was not left out.\n\n")
+
+
 def write_results(out: Path, rows: list[dict], meta: dict) -> None:
     """OUT.json (rows and run metadata) and OUT.md (header, table, kept findings)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +273,7 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
     findings = kept_findings(md)
     header = f"""# namm versus kvpress: the same presses on the same prompts
 
-Reproduce (about {meta['wall_minutes']:.0f} minutes here):
+{partial_note(meta)}Reproduce{'' if meta.get('partial') else f" (about {meta['wall_minutes']:.0f} minutes here)"}:
 
 ```bash
 python3 -m venv /work/kvpress-venv
@@ -290,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=None, help="resumable work folder (default: $NAMM_CACHE/kvpress-crosscheck)")
     p.add_argument("--out", type=Path, default=HERE.parent / "docs" / "results" / "kvpress")
     p.add_argument("--skip-namm", action="store_true", help="only the kvpress side (then the table)")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: write the table from the arms both sides have finished (a partial run)")
     p.add_argument("--verify", action="store_true",
                    help="first check kvpress's shared prefill against each press's own context manager")
     a = p.parse_args(argv)
@@ -306,12 +343,16 @@ def main(argv: list[str] | None = None) -> None:
     prompts.write_text(json.dumps({"model_dir": str(model_dir), "samples": records}), encoding="utf-8")
     split_same = sum(r["context_ids"] + r["question_ids"] == r["prompt_ids"] for r in records)
     rows_file = work / "kvpress-rows.jsonl"
-    cmd = kvpress_command(a.kvpress_python, prompts, plain_model_dir(model_dir, work / "model-plain"), rows_file, a.verify)
-    log = (work / "kvpress-side.log").open("a", encoding="utf-8")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    namm_arms = {} if a.skip_namm else run_namm(model, tokenizer, samples, work, a.budget)
-    if proc.wait() != 0:
-        sys.exit(f"the kvpress side failed (exit {proc.returncode}); see {work / 'kvpress-side.log'}")
+    if a.table_only:
+        namm_arms = namm_arms_on_disk(samples, work)
+    else:
+        cmd = kvpress_command(a.kvpress_python, prompts, plain_model_dir(model_dir, work / "model-plain"), rows_file,
+                              a.verify)
+        log = (work / "kvpress-side.log").open("a", encoding="utf-8")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        namm_arms = {} if a.skip_namm else run_namm(model, tokenizer, samples, work, a.budget)
+        if proc.wait() != 0:
+            sys.exit(f"the kvpress side failed (exit {proc.returncode}); see {work / 'kvpress-side.log'}")
     kv_arms = kvpress_arms(read_rows(rows_file), samples, tokenizer)
     versions = subprocess.run([a.kvpress_python, "-c", "import importlib.metadata as m; "
                                "print(m.version('kvpress'), m.version('transformers'))"],
@@ -322,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
             "kvpress_version": versions[0], "kvpress_transformers": versions[1],
             "namm_transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "context_plus_question_is_prompt": f"{split_same}/{len(records)}",
-            "wall_minutes": (time.perf_counter() - start) / 60}
+            "wall_minutes": (time.perf_counter() - start) / 60, "partial": a.table_only}
     write_results(a.out, table_rows(namm_arms, kv_arms, tasks), meta)
     print(f"wrote {a.out.with_suffix('.md')} and {a.out.with_suffix('.json')}", file=sys.stderr)
 

@@ -54,3 +54,30 @@ def test_findings_survive_a_rewrite(xc, tmp_path):
     xc.write_results(out, [], meta)
     assert "SnapKV differs because of its window." in md.read_text()
     assert out.with_suffix(".json").exists()
+
+
+def test_table_only_reads_finished_namm_arms_and_marks_the_table_partial(xc, tmp_path):
+    from namm.tasks import Sample
+
+    group = [Sample(id=f"p{i}", prompt="x", answers=["1"], max_new_tokens=4, metric="string_match_all")
+             for i in range(3)]
+
+    def write_arm(name: str, ids: list[str]) -> None:
+        out = tmp_path / "namm" / "passkey" / name
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text('{"kv_fraction": 0.5, "schedule": "progressive"}')
+        (out / "predictions.jsonl").write_text("".join(
+            f'{{"id": "{i}", "score": {1.0 if i == "p0" else 0.0}, "prediction": " 1"}}\n' for i in ids))
+
+    write_arm("full-query-aware", ["p0", "p1", "p2"])
+    write_arm("snapkv-query-aware", ["p0", "p1", "p2"])
+    write_arm("tova-query-aware", ["p0"])  # unfinished: left out
+    arms = xc.namm_arms_on_disk({"passkey": group}, tmp_path)
+    assert set(arms) == {("passkey", "query-aware", "full"), ("passkey", "query-agnostic", "full"),
+                         ("passkey", "query-aware", "snapkv")}
+    assert arms[("passkey", "query-aware", "snapkv")].scores == [100.0, 0.0, 0.0]
+    meta = {"wall_minutes": 0.01, "kvpress_version": "0", "kvpress_transformers": "0", "namm_transformers": "0",
+            "model": "m", "tasks": ["passkey"], "length": 64, "samples": 3, "partial": True}
+    xc.write_results(tmp_path / "kvpress", [], meta)
+    text = (tmp_path / "kvpress.md").read_text()
+    assert "**Partial table**" in text and "minutes here" not in text
