@@ -126,41 +126,55 @@ def read_namm_arm(out: Path, group: list[Sample], metrics: dict) -> Arm | None:
                [rows[s.id]["prediction"] for s in group])
 
 
-def namm_arms_on_disk(samples: dict[str, list[Sample]], work: Path) -> dict[tuple, Arm]:
-    """The namm arms a previous run finished, read without running anything (``--table-only``)."""
-    arms: dict[tuple, Arm] = {}
-    for task, group in samples.items():
-        for protocol in PROTOCOLS:
-            for _, name in PAIRS:
-                out = work / "namm" / task / f"{name}-{protocol}"
-                if name is None or not (out / "metrics.json").exists():
-                    continue
-                arm = read_namm_arm(out, group, json.loads((out / "metrics.json").read_text(encoding="utf-8")))
-                if arm is not None:
-                    arms[(task, protocol, name)] = arm
+# namm's runs: the full cache once (query-aware; it never compresses, so it is also the
+# query-agnostic reference) and every counterpart in both protocols
+NAMM_JOBS = [(QUERY_AWARE, "full")] + [(p, c) for p in PROTOCOLS for _, c in PAIRS if c not in (None, "full")]
+
+
+def namm_arm_dir(work: Path, task: str, protocol: str, name: str) -> Path:
+    """The evaluation folder of one namm arm (resumable)."""
+    return work / "namm" / task / f"{name}-{protocol}"
+
+
+def full_serves_both_protocols(arms: dict[tuple, Arm], tasks) -> dict[tuple, Arm]:
+    """Add the query-aware full cache as each task's query-agnostic reference too (where it ran)."""
+    for task in tasks:
         if (task, QUERY_AWARE, "full") in arms:
             arms[(task, QUERY_AGNOSTIC, "full")] = arms[(task, QUERY_AWARE, "full")]
     return arms
 
 
-def run_namm(model, tokenizer, samples: dict[str, list[Sample]], work: Path, budget: float) -> dict[tuple, Arm]:
-    """namm's arms: the full cache (query-aware; it never compresses, so it is also the
-    query-agnostic reference) and every counterpart in both protocols."""
+def namm_arms_on_disk(samples: dict[str, list[Sample]], work: Path) -> dict[tuple, Arm]:
+    """The namm arms a previous run finished, read without running anything (``--table-only``)."""
     arms: dict[tuple, Arm] = {}
-    jobs = [(QUERY_AWARE, "full")] + [(p, c) for p in PROTOCOLS for _, c in PAIRS if c not in (None, "full")]
-    for protocol, name in jobs:
+    for protocol, name in NAMM_JOBS:
+        for task, group in samples.items():
+            out = namm_arm_dir(work, task, protocol, name)
+            if not (out / "metrics.json").exists():
+                continue
+            arm = read_namm_arm(out, group, json.loads((out / "metrics.json").read_text(encoding="utf-8")))
+            if arm is not None:
+                arms[(task, protocol, name)] = arm
+    return full_serves_both_protocols(arms, samples)
+
+
+def run_namm(model, tokenizer, samples: dict[str, list[Sample]], work: Path, budget: float) -> dict[tuple, Arm]:
+    """namm's arms: every job of ``NAMM_JOBS`` on every task (each resumes its own folder)."""
+    arms: dict[tuple, Arm] = {}
+    for protocol, name in NAMM_JOBS:
         for task, group in samples.items():
             policy = namm.make_policy(name) if name == "full" else namm.make_policy(name, budget=budget)
-            out = work / "namm" / task / f"{name}-{protocol}"
+            out = namm_arm_dir(work, task, protocol, name)
             t0 = time.perf_counter()
             metrics = evaluate(model, tokenizer, policy, group, out_dir=out, progress=False, task=task,
                                model_name="smollm2-135m", question_after_compression=protocol == QUERY_AGNOSTIC)
-            arms[(task, protocol, name)] = read_namm_arm(out, group, metrics)
+            arm = read_namm_arm(out, group, metrics)
+            if arm is None:
+                raise RuntimeError(f"{out}: the evaluation did not write a prediction for every sample")
+            arms[(task, protocol, name)] = arm
             print(f"namm {task} {protocol} {name}: {metrics['score']:.1f} ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
-    for task in samples:
-        arms[(task, QUERY_AGNOSTIC, "full")] = arms[(task, QUERY_AWARE, "full")]
-    return arms
+    return full_serves_both_protocols(arms, samples)
 
 
 def kvpress_arms(rows: list[dict], samples: dict[str, list[Sample]], tokenizer) -> dict[tuple, Arm]:
