@@ -9,7 +9,9 @@ the full cache, the NAMM and every baseline at the NAMM's measured mean KV fract
 (``--match-cache namm``), so every row is at equal memory. The NAMM keeps its source model's
 normalisation statistics, and sliding-window layers hold nothing older than their window
 (docs/algorithm.md §6, §11). Then it writes ``OUT/README.md`` (one table, scores with bootstrap
-95% intervals) and ``OUT/summary.json``; each run's own tables are in ``OUT/<model>/L<length>/``.
+95% intervals) and ``OUT/summary.json`` from every run under ``OUT``, this invocation's and earlier
+ones', so a grid filled in pieces ends in one table; each run's own tables are in
+``OUT/<model>/L<length>/``.
 Transfer is a measurement: nothing here is tuned on the target models.
 """
 
@@ -24,8 +26,8 @@ from pathlib import Path
 BASELINES = "recency,streaming,h2o,l2,tova,random"
 
 
-def compare(out: Path, model: str, length: int, args: argparse.Namespace) -> list[dict]:
-    """Run (or resume) one ``namm compare`` and return its per-task rows."""
+def compare(out: Path, model: str, length: int, args: argparse.Namespace) -> None:
+    """Run (or resume) one ``namm compare`` into ``out``."""
     command = [sys.executable, "-m", "namm", "compare", "--model", model, "--policies",
                f"full,namm,{args.baselines}", "--match-cache", "namm", "--checkpoint", args.checkpoint,
                "--tasks", args.tasks, "--length", str(length), "--samples", str(args.samples), "--seed", str(args.seed),
@@ -33,7 +35,26 @@ def compare(out: Path, model: str, length: int, args: argparse.Namespace) -> lis
                *(["--threads", str(args.threads)] if args.threads else [])]
     print("$", " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "results.json").read_text())["rows"]
+
+
+def run_dir(out: Path, model: str, length: int) -> Path:
+    """Where the run of one model (a shipped name or a path) and length lives under ``out``."""
+    return out / Path(model).name / f"L{length}"
+
+
+def collected_rows(out: Path) -> list[dict]:
+    """Per-task rows of every run under ``out``, tagged with their model and length."""
+    rows = []
+    for results in sorted(out.glob("*/L*/results.json")):
+        model, length = results.parent.parent.name, int(results.parent.name.removeprefix("L"))
+        rows += [{**r, "model": model, "length": length} for r in json.loads(results.read_text())["rows"]]
+    return rows
+
+
+def baseline_columns(rows: list[dict], requested: list[str]) -> list[str]:
+    """The requested baselines, then any other baseline found in earlier runs."""
+    found = {r["policy"] for r in rows} - {"full", "namm"}
+    return requested + sorted(found - set(requested))
 
 
 def cell(row: dict | None) -> str:
@@ -53,7 +74,8 @@ def table(rows: list[dict], baselines: list[str], args: argparse.Namespace, argv
         namm = by.get("namm")
         if namm is None:
             continue
-        above = all(b in by and namm["score"] > by[b]["score"] for b in baselines)
+        ran = [b for b in baselines if b in by]
+        above = bool(ran) and all(namm["score"] > by[b]["score"] for b in ran)
         lines.append("| " + " | ".join([model, str(length), task, str(namm["n"]), cell(by.get("full")), cell(namm),
                                          f"{namm['kv_fraction']:.3f}", *(cell(by.get(b)) for b in baselines),
                                          "yes" if above else "no"]) + " |")
@@ -61,9 +83,10 @@ def table(rows: list[dict], baselines: list[str], args: argparse.Namespace, argv
         "# Zero-shot transfer of a NAMM to other model families",
         "",
         f"NAMM checkpoint `{args.checkpoint}` (its provenance names the model it was evolved on), run unchanged. "
-        f"Tasks {args.tasks}, seed {args.seed}, {args.samples} samples per task and length, query-aware. Every "
-        "baseline runs at the NAMM's measured mean KV fraction on that task (NAMM KV: KV bytes held after each "
-        "compression over the full cache's). Scores 0-100 with a bootstrap 95% interval over samples.",
+        f"Every run under `{args.out}` (this command's and earlier ones'); prompts of seed {args.seed}, query-aware; "
+        "n samples per task and length. Every baseline runs at the NAMM's measured mean KV fraction on that task "
+        "(NAMM KV: KV bytes held after each compression over the full cache's). Scores 0-100 with a bootstrap 95% "
+        "interval over samples; – = not run; NAMM above all = above every baseline run on that row.",
         "",
         f"Reproduce: `python benchmarks/transfer.py {' '.join(argv)}`",
         "",
@@ -85,13 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=Path("docs/results/transfer"))
     args = p.parse_args(argv)
-    baselines = [b for b in args.baselines.split(",") if b]
-    rows = []
     for model in [m for m in args.models.split(",") if m]:
         for length in [int(x) for x in args.lengths.split(",")]:
-            rows += [{**r, "model": model, "length": length}
-                     for r in compare(args.out / model / f"L{length}", model, length, args)]
-    args.out.mkdir(parents=True, exist_ok=True)
+            compare(run_dir(args.out, model, length), model, length, args)
+    rows = collected_rows(args.out)
+    baselines = baseline_columns(rows, [b for b in args.baselines.split(",") if b])
     (args.out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     text = table(rows, baselines, args, sys.argv[1:] if argv is None else argv)
     (args.out / "README.md").write_text(text)
