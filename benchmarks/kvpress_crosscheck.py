@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 import namm
-from namm.eval.intervals import bootstrap_interval
+from namm.eval.intervals import bootstrap_interval, paired_difference
 from namm.eval.runner import QUERY_AGNOSTIC, QUERY_AWARE, evaluate
 from namm.models import cache_dir, resolve_model_dir
 from namm.tasks import Sample, get_task
@@ -193,14 +193,6 @@ def kvpress_arms(rows: list[dict], samples: dict[str, list[Sample]], tokenizer) 
                 kv = sum(g["kv_fraction"] for g in got) / len(got)
                 arms[(task, protocol, press)] = Arm(scores, kv, "prompt-end" if press != "full" else None, texts)
     return arms
-
-
-def paired_difference(a: list[float], b: list[float]) -> tuple[float, tuple[float, float]]:
-    """Mean of ``a - b`` over paired samples and its bootstrap 95% interval (namm's helper)."""
-    if len(a) != len(b) or not a:
-        raise ValueError("paired scores need the same, non-zero number of samples")
-    diffs = [x - y for x, y in zip(a, b)]
-    return sum(diffs) / len(diffs), bootstrap_interval([diffs])
 
 
 def agreement(a: list[str] | None, b: list[str] | None) -> float | None:

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from namm.commands.compare import matched_budget
+from namm.eval.intervals import paired_difference
 from namm.policies.namm.checkpoint import load_namm_checkpoint
 from namm.policies.registry import make_policy
 
@@ -105,13 +106,16 @@ def verdicts(runs: list[tuple[str, dict]], length: int, baselines: list[str]) ->
         if namm is None or ref is None:
             continue
         beaten = [b for b in baselines if b in g["baselines"] and namm["score"] > g["baselines"][b]["score"]]
+        minus = {b: paired_difference(namm["sample_scores"], r["sample_scores"]) for b, r in g["baselines"].items()}
         line = {"mode": mode, "task": task, "length": length, "budget": budget, "n": namm["n"],
                 "full": ref["score"], "namm": namm["score"], "namm_ci": namm["score_ci"],
                 "namm_kv_fraction": namm["kv_fraction"],
                 "normalised": 100.0 * namm["score"] / ref["score"] if ref["score"] > 0 else None,
                 "baselines": {b: {"score": r["score"], "ci": r["score_ci"], "schedule": r["schedule"],
-                                  "kv_fraction": r["kv_fraction"]} for b, r in sorted(g["baselines"].items())},
-                "above_every_baseline": len(beaten) == len(baselines)}
+                                  "kv_fraction": r["kv_fraction"], "namm_minus": minus[b][0],
+                                  "namm_minus_ci": list(minus[b][1])} for b, r in sorted(g["baselines"].items())},
+                "above_every_baseline": len(beaten) == len(baselines),
+                "significantly_above_every_baseline": all(b in minus and minus[b][1][0] > 0 for b in baselines)}
         if mode == "threshold":
             line["keeps_95_at_half"] = (line["normalised"] or 0) >= 95.0 and namm["kv_fraction"] <= 0.5
         lines.append(line)
@@ -135,6 +139,14 @@ def markdown(lines: list[dict], baselines: list[str], args: argparse.Namespace) 
         if ln["mode"] == "threshold":
             verdict += "; ≥95% of full at ≤0.5 KV: " + ("yes" if ln["keeps_95_at_half"] else "no")
         out.append("| " + " | ".join(cells + [verdict]) + " |")
+    paired_head = ["mode", "task", "length", "budget", *(f"− {b}" for b in baselines), "interval above 0 for all"]
+    paired = ["| " + " | ".join(paired_head) + " |", "|" + "---|" * len(paired_head)]
+    for ln in lines:
+        cells = [ln["mode"], ln["task"], str(ln["length"]), ln["budget"]]
+        for b in baselines:
+            r = ln["baselines"].get(b)
+            cells.append(f"{r['namm_minus']:+.1f} [{r['namm_minus_ci'][0]:+.1f}, {r['namm_minus_ci'][1]:+.1f}]" if r else "–")
+        paired.append("| " + " | ".join(cells + ["yes" if ln["significantly_above_every_baseline"] else "no"]) + " |")
     return "\n".join([
         "# NAMM vs the baselines at equal memory (baselines query-agnostic)",
         "",
@@ -151,6 +163,11 @@ def markdown(lines: list[dict], baselines: list[str], args: argparse.Namespace) 
         f"Reproduce: `python benchmarks/namm_acceptance.py {' '.join(sys.argv[1:])}`",
         "",
         *out,
+        "",
+        "NAMM minus each baseline on the same prompts (points of score; paired bootstrap 95% interval; each "
+        "baseline on the schedule of the table above):",
+        "",
+        *paired,
         "",
     ])
 

@@ -14,8 +14,9 @@ def acc():
 
 
 def row(policy, score, budget=None, schedule="progressive", kv=0.25, task="niah_single"):
+    hits = round(score / 100 * 20)  # 20 samples: the first `hits` right
     return {"task": task, "policy": policy, "score": score, "score_ci": [score - 10, score + 10], "budget": budget,
-            "schedule": schedule, "kv_fraction": kv, "n": 32}
+            "schedule": schedule, "kv_fraction": kv, "n": 32, "sample_scores": [100.0] * hits + [0.0] * (20 - hits)}
 
 
 def test_each_baseline_on_its_best_schedule_and_the_verdict(acc):
@@ -29,9 +30,15 @@ def test_each_baseline_on_its_best_schedule_and_the_verdict(acc):
     budget, threshold = acc.verdicts(runs, 2048, ["streaming", "h2o"])
     assert budget["mode"] == "budget" and budget["budget"] == "0.25"
     assert budget["baselines"]["streaming"]["schedule"] == "progressive"
-    assert budget["baselines"]["h2o"] == {"score": 55.0, "ci": [45.0, 65.0], "schedule": "prompt-end", "kv_fraction": 0.25}
+    h2o = budget["baselines"]["h2o"]
+    assert {k: h2o[k] for k in ("score", "ci", "schedule", "kv_fraction")} == \
+        {"score": 55.0, "ci": [45.0, 65.0], "schedule": "prompt-end", "kv_fraction": 0.25}
+    # paired over the same prompts: 10 right against 11 right, the NAMM's hits a subset of h2o's
+    assert h2o["namm_minus"] == pytest.approx(-5.0) and h2o["namm_minus_ci"] == [-15.0, 0.0]
     assert not budget["above_every_baseline"], "h2o compressed once beats the NAMM"
     assert threshold["above_every_baseline"] and threshold["keeps_95_at_half"]
+    assert not threshold["significantly_above_every_baseline"], "h2o prompt-end trails by one prompt of 20"
+    assert budget["baselines"]["streaming"]["namm_minus"] == pytest.approx(10.0)
     assert threshold["normalised"] == pytest.approx(97.5)
     args = argparse.Namespace(checkpoint="c", threshold_checkpoint="t", tasks="niah_single", seed=100, samples=32,
                               model="smollm2-135m", namm_protocol="query-aware")
@@ -39,6 +46,7 @@ def test_each_baseline_on_its_best_schedule_and_the_verdict(acc):
     assert "| budget | niah_single | 2048 | 0.25 | 32 | 80.0 | 50.0 [40.0, 60.0] | 0.250 | 40.0 [30.0, 50.0] " \
            "(progressive) | 55.0 [45.0, 65.0] (prompt-end) | no |" in text
     assert "≥95% of full at ≤0.5 KV: yes" in text
+    assert "| budget | niah_single | 2048 | 0.25 | +10.0 [+0.0, +25.0] | −5.0 [−15.0, +0.0] | no |" in text.replace("-", "−")
     assert "the NAMM runs query-aware" in text
 
 

@@ -16,7 +16,7 @@ from namm.cli import main
 from namm.commands.common import show_progress
 from namm.commands.compare import accepts
 from namm.eval.perplexity import evaluate_perplexity
-from namm.eval.intervals import bootstrap_interval
+from namm.eval.intervals import bootstrap_interval, paired_difference
 from namm.eval.runner import evaluate
 from namm.tasks import Sample, get_task
 from namm.tasks.corpus import corpus_tokens
@@ -154,6 +154,18 @@ def test_bootstrap_interval_on_a_hand_made_example():
     assert 20 <= low < 50 < high <= 80  # about 50 ± 1.96 × 50 / sqrt(20)
     with pytest.raises(ValueError):
         bootstrap_interval([[]])
+
+
+def test_paired_difference_is_paired():
+    # the same scores: the difference is exactly 0 with a degenerate interval, however spread they are
+    assert paired_difference([100.0, 0.0, 100.0], [100.0, 0.0, 100.0]) == (0.0, (0.0, 0.0))
+    # better on every prompt by 100: the interval sits at +100
+    assert paired_difference([100.0] * 4, [0.0] * 4) == (100.0, (100.0, 100.0))
+    # one prompt in four flips: +25 on average, an interval that contains 0
+    diff, (low, high) = paired_difference([100.0, 0.0, 0.0, 0.0], [0.0] * 4)
+    assert diff == 25.0 and low == 0.0 and high > 25.0
+    with pytest.raises(ValueError):
+        paired_difference([1.0], [1.0, 2.0])
 
 
 def test_compare_match_cache_runs_baselines_at_the_matched_budget(model_dir, tmp_path, capsys):

@@ -24,3 +24,12 @@ def bootstrap_interval(groups: Sequence[Sequence[float]], resamples: int = 1000,
     tail = 50.0 * (1.0 - level)
     low, high = np.percentile(means, [tail, 100.0 - tail])
     return float(low), float(high)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, tuple[float, float]]:
+    """Mean of ``a - b`` over paired samples (the same prompts, in the same order) and its
+    bootstrap 95% interval."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired scores need the same, non-zero number of samples")
+    diffs = [x - y for x, y in zip(a, b)]
+    return sum(diffs) / len(diffs), bootstrap_interval([diffs])
