@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from namm.eval.intervals import paired_difference
+
 BASELINES = "recency,streaming,h2o,l2,tova,random"
 
 
@@ -64,10 +66,20 @@ def cell(row: dict | None) -> str:
     return f"{row['score']:.1f} [{low:.1f}, {high:.1f}]"
 
 
+def minus(namm: dict, row: dict | None) -> str:
+    """NAMM minus a baseline, paired over the same prompts, with its bootstrap interval."""
+    if row is None:
+        return "–"
+    diff, (low, high) = paired_difference(namm["sample_scores"], row["sample_scores"])
+    return f"{diff:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+
 def table(rows: list[dict], baselines: list[str], args: argparse.Namespace, argv: list[str]) -> str:
     """The transfer table: per (model, length, task) the full cache, the NAMM and every baseline."""
     head = ["model", "length", "task", "n", "full", "NAMM", "NAMM KV", *baselines, "NAMM above all"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    paired_head = ["model", "length", "task", *(f"− {b}" for b in baselines)]
+    paired = ["| " + " | ".join(paired_head) + " |", "|" + "---|" * len(paired_head)]
     keys = sorted({(r["model"], r["length"], r["task"]) for r in rows})
     for model, length, task in keys:
         by = {r["policy"]: r for r in rows if (r["model"], r["length"], r["task"]) == (model, length, task)}
@@ -79,6 +91,7 @@ def table(rows: list[dict], baselines: list[str], args: argparse.Namespace, argv
         lines.append("| " + " | ".join([model, str(length), task, str(namm["n"]), cell(by.get("full")), cell(namm),
                                          f"{namm['kv_fraction']:.3f}", *(cell(by.get(b)) for b in baselines),
                                          "yes" if above else "no"]) + " |")
+        paired.append("| " + " | ".join([model, str(length), task, *(minus(namm, by.get(b)) for b in baselines)]) + " |")
     return "\n".join([
         "# Zero-shot transfer of a NAMM to other model families",
         "",
@@ -91,6 +104,10 @@ def table(rows: list[dict], baselines: list[str], args: argparse.Namespace, argv
         f"Reproduce: `python benchmarks/transfer.py {' '.join(argv)}`",
         "",
         *lines,
+        "",
+        "NAMM minus each baseline on the same prompts (points of score, paired bootstrap 95% interval):",
+        "",
+        *paired,
         "",
     ])
 

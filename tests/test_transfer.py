@@ -33,10 +33,11 @@ def test_transfer_table_on_two_other_families(tmp_path, capsys):
             row = next(r for r in rows if r["model"] == model and r["policy"] == baseline)
             assert row["matched_to"] == "namm" and abs(row["kv_fraction"] - namm_row["kv_fraction"]) < 0.1
     text = (out / "README.md").read_text()
-    assert text.count("| passkey |") == 2 and "Reproduce: `python benchmarks/transfer.py" in text
+    assert text.count("| passkey |") == 4 and "Reproduce: `python benchmarks/transfer.py" in text
+    assert "NAMM minus each baseline" in text
     assert "NAMM above all" in capsys.readouterr().out
     # a later invocation for one model resumes its run and keeps the other model's rows in the table
     assert module.main(["--checkpoint", str(checkpoint), "--models", models[0], "--lengths", "1100",
                         "--tasks", "passkey", "--samples", "2", "--baselines", "streaming,h2o", "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text()) == rows
-    assert (out / "README.md").read_text().count("| passkey |") == 2
+    assert (out / "README.md").read_text().count("| passkey |") == 4
