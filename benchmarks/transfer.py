@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in [m for m in args.models.split(",") if m]:
         for length in [int(x) for x in args.lengths.split(",")]:
             compare(run_dir(args.out, model, length), model, length, args)
+    args.out.mkdir(parents=True, exist_ok=True)
     rows = collected_rows(args.out)
     baselines = baseline_columns(rows, [b for b in args.baselines.split(",") if b])
     (args.out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
