@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 import namm
-from namm.eval.intervals import bootstrap_interval, paired_difference
+from namm.eval.intervals import bootstrap_interval, format_difference, paired_difference
 from namm.eval.runner import QUERY_AGNOSTIC, QUERY_AWARE, evaluate
 from namm.models import cache_dir, resolve_model_dir
 from namm.tasks import Sample, get_task
@@ -246,8 +246,7 @@ def markdown(rows: list[dict]) -> str:
         policy = "– (no counterpart)" if not r["policy"] else f"{r['policy']} ({m['schedule'] or '–'})" if m else "–"
         diff = same = "–"
         if "difference" in r:
-            lo, hi = r["difference_ci"]
-            diff = f"{r['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" **beyond noise**" if r["beyond_noise"] else "")
+            diff = format_difference(r["difference"], r["difference_ci"]) + (" **beyond noise**" if r["beyond_noise"] else "")
             same = "–" if r.get("same_answer") is None else f"{100 * r['same_answer']:.0f}%"
         cells = [r["task"], r["protocol"], r["press"], _score(k), _kv(k), policy, _score(m), _kv(m), diff, same]
         lines.append("| " + " | ".join(cells) + " |")

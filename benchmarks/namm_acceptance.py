@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from namm.commands.compare import matched_budget
-from namm.eval.intervals import paired_difference
+from namm.eval.intervals import format_difference, paired_difference
 from namm.policies.namm.checkpoint import load_namm_checkpoint
 from namm.policies.registry import make_policy
 
@@ -145,7 +145,7 @@ def markdown(lines: list[dict], baselines: list[str], args: argparse.Namespace) 
         cells = [ln["mode"], ln["task"], str(ln["length"]), ln["budget"]]
         for b in baselines:
             r = ln["baselines"].get(b)
-            cells.append(f"{r['namm_minus']:+.1f} [{r['namm_minus_ci'][0]:+.1f}, {r['namm_minus_ci'][1]:+.1f}]" if r else "–")
+            cells.append(format_difference(r["namm_minus"], r["namm_minus_ci"]) if r else "–")
         paired.append("| " + " | ".join(cells + ["yes" if ln["significantly_above_every_baseline"] else "no"]) + " |")
     return "\n".join([
         "# NAMM vs the baselines at equal memory (baselines query-agnostic)",

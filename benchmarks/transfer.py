@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from namm.eval.intervals import paired_difference
+from namm.eval.intervals import format_difference, paired_difference
 
 BASELINES = "recency,streaming,h2o,l2,tova,random"
 
@@ -70,8 +70,7 @@ def minus(namm: dict, row: dict | None) -> str:
     """NAMM minus a baseline, paired over the same prompts, with its bootstrap interval."""
     if row is None:
         return "–"
-    diff, (low, high) = paired_difference(namm["sample_scores"], row["sample_scores"])
-    return f"{diff:+.1f} [{low:+.1f}, {high:+.1f}]"
+    return format_difference(*paired_difference(namm["sample_scores"], row["sample_scores"]))
 
 
 def table(rows: list[dict], baselines: list[str], args: argparse.Namespace, argv: list[str]) -> str:

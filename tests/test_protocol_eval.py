@@ -16,7 +16,7 @@ from namm.cli import main
 from namm.commands.common import show_progress
 from namm.commands.compare import accepts
 from namm.eval.perplexity import evaluate_perplexity
-from namm.eval.intervals import bootstrap_interval, paired_difference
+from namm.eval.intervals import bootstrap_interval, format_difference, paired_difference
 from namm.eval.runner import evaluate
 from namm.tasks import Sample, get_task
 from namm.tasks.corpus import corpus_tokens
@@ -166,6 +166,8 @@ def test_paired_difference_is_paired():
     assert diff == 25.0 and low == 0.0 and high > 25.0
     with pytest.raises(ValueError):
         paired_difference([1.0], [1.0, 2.0])
+    assert format_difference(diff, (low, high)) == f"+25.0 [+0.0, +{high:.1f}]"
+    assert format_difference(-15.625, (-34.375, 3.125)) == "-15.6 [-34.4, +3.1]"
 
 
 def test_compare_match_cache_runs_baselines_at_the_matched_budget(model_dir, tmp_path, capsys):

@@ -33,3 +33,9 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, tu
         raise ValueError("paired scores need the same, non-zero number of samples")
     diffs = [x - y for x, y in zip(a, b)]
     return sum(diffs) / len(diffs), bootstrap_interval([diffs])
+
+
+def format_difference(diff: float, interval: Sequence[float]) -> str:
+    """A signed difference and its interval as a table cell: ``+3.1 [-12.5, +18.8]``."""
+    low, high = interval
+    return f"{diff:+.1f} [{low:+.1f}, {high:+.1f}]"
