@@ -1,0 +1,118 @@
+"""Hand-set NAMMs: starting points for evolution, not results.
+
+    python benchmarks/handset_namm.py --rule streaming --normalization runs/smollm2-135m-margin/normalization \\
+        [--hidden 8] [--sink-share 0.03] --out runs/streaming-namm
+    python benchmarks/handset_namm.py --rule attention --normalization runs/NAME/normalization --out runs/attention-namm
+    namm evolve --init-checkpoint runs/streaming-namm --scorer mlp --hidden 8 ... --out runs/stage3
+
+Both are MLP scorers (``--hidden H``, H >= 2; tanh units, docs/algorithm.md §5) whose other hidden
+units start at zero.
+
+``streaming``: the first hidden unit reads the slowest recency sine (newer tokens score higher) and
+the second fires on attention sinks: tokens whose spectrogram DC bin, un-normalised, says they
+receive more than ``--sink-share`` of their head's attention. A sink outscores every other token,
+so in budget mode the NAMM keeps the sinks, then the newest tokens — StreamingLLM's rule, learned
+from the NAMM's own features (it has no absolute positions). Evolution started here begins level
+with the strongest query-agnostic baseline instead of at the full cache.
+
+``attention``: the first hidden unit reads the DC bin (the attention a token received from the
+update's queries, smoothed over time), the second the recency sine with a small weight that only
+breaks ties. With ``--n-up 32`` on the prompt-end schedule the queries are the question's, so the
+NAMM ranks like SnapKV's observation-window vote without its max-pool (a per-token scorer sees no
+neighbours).
+
+The recency sine sin(r w) with the slowest frequency w rises with the distance r up to
+r = pi / (2 w) (5,253 tokens at the default base), so the recency ranking holds for caches up to
+that size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from namm.policies.namm.checkpoint import load_namm_checkpoint, namm_config, save_namm_checkpoint
+from namm.policies.namm.features import FeatureConfig, recency_frequencies
+from namm.policies.namm.scorers import MLPScorer, split_params
+
+SINK_SHARPNESS = 2.0  # slope of the sink unit per normalised DC unit
+ATTENTION_SLOPE = 0.25  # slope of the attention unit per normalised DC unit (tanh stays unsaturated to ~8 sd)
+TIE_BREAK = 0.05  # weight of the recency unit in the attention rule: below one attention unit's resolution
+
+
+def steady_dc(share: float, features: FeatureConfig) -> float:
+    """The un-normalised DC bin of a token that receives ``share`` of every query's attention: the
+    periodic Hann window sums to window / 2, and the EMA of a constant converges to it."""
+    return share * features.window / 2
+
+
+def streaming_params(scorer: MLPScorer, features: FeatureConfig, norm_mean: torch.Tensor, norm_std: torch.Tensor,
+                     sink_share: float) -> torch.Tensor:
+    """(num_params,) parameters of the streaming-like scorer (see the module docstring)."""
+    if len(scorer.hidden) != 1 or scorer.hidden[0] < 2:
+        raise ValueError("the streaming-like NAMM needs one hidden layer of at least 2 units (--hidden 2 or more)")
+    half = features.recency_dims // 2
+    dc = features.recency_dims  # the DC bin is the first spectrogram feature, after the recency embedding
+    threshold = (steady_dc(sink_share, features) - float(norm_mean[0])) / max(float(norm_std[0]), features.eps)
+    flat = torch.zeros(1, scorer.num_params)
+    w1, b1, w2, b2 = split_params(flat, scorer.shapes)  # views into ``flat``
+    w1[0, half - 1, 0] = -1.0  # sin(r w_slowest): grows with the distance to the newest token
+    w1[0, dc, 1] = SINK_SHARPNESS
+    b1[0, 1] = -SINK_SHARPNESS * threshold
+    w2[0, 0, 0] = 1.0  # recency: tanh(-sin(r w)) in (-0.77, 0] up to r = pi / (2 w)
+    w2[0, 1, 0] = 1.0  # sink: +1 against -1 for other tokens, more than the whole recency range
+    return flat[0]
+
+
+def attention_params(scorer: MLPScorer, features: FeatureConfig) -> torch.Tensor:
+    """(num_params,) parameters of the attention-ranked scorer (see the module docstring)."""
+    if len(scorer.hidden) != 1 or scorer.hidden[0] < 2:
+        raise ValueError("the attention-ranked NAMM needs one hidden layer of at least 2 units (--hidden 2 or more)")
+    half = features.recency_dims // 2
+    dc = features.recency_dims
+    flat = torch.zeros(1, scorer.num_params)
+    w1, _, w2, _ = split_params(flat, scorer.shapes)
+    w1[0, dc, 0] = ATTENTION_SLOPE
+    w1[0, half - 1, 1] = -1.0
+    w2[0, 0, 0] = 1.0
+    w2[0, 1, 0] = TIE_BREAK
+    return flat[0]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rule", choices=("streaming", "attention"), default="streaming",
+                   help="streaming: sinks, then the newest tokens (default); attention: the most attended tokens")
+    p.add_argument("--normalization", required=True,
+                   help="a NAMM checkpoint (or an evolution run's normalization/) whose feature statistics to use")
+    p.add_argument("--hidden", type=int, default=8, help="hidden units of the MLP scorer (>= 2; default 8)")
+    p.add_argument("--sink-share", type=float, default=0.03,
+                   help="streaming rule: attention share above which a token counts as a sink (default 0.03)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    args = p.parse_args(argv)
+    if not 0 < args.sink_share < 1:
+        raise SystemExit(f"--sink-share must be in (0, 1), got {args.sink_share}")
+    source = load_namm_checkpoint(args.normalization)
+    features = FeatureConfig(**source.config["features"])
+    scorer = MLPScorer(in_dim=features.dim, hidden=(args.hidden,))
+    config = namm_config(features, scorer.config())
+    limit = math.pi / (2 * float(recency_frequencies(features)[-1]))
+    provenance = {"kind": "hand-set", "normalization_from": str(args.normalization), "valid_up_to_tokens": int(limit)}
+    if args.rule == "streaming":
+        params = streaming_params(scorer, features, source.mean, source.std, args.sink_share)
+        provenance.update(rule="streaming-like", sink_share=args.sink_share)
+        summary = f"sinks above {args.sink_share:.1%} of the attention, then the newest tokens"
+    else:
+        params = attention_params(scorer, features)
+        provenance.update(rule="attention-ranked")
+        summary = f"the most attended tokens first (update window {features.n_up} queries)"
+    path = save_namm_checkpoint(args.out, params, source.mean, source.std, config, provenance)
+    print(f"wrote {path}: {summary} (recency valid up to {int(limit)} cached tokens)")
+    return path
+
+
+if __name__ == "__main__":
+    main()
