@@ -235,7 +235,9 @@ def test_cli_end_to_end_and_torchrun_matches_one_process(tmp_path):
     assert one.generation == two.generation == 2
     assert torch.equal(one.mean, two.mean) and one.sigma == two.sigma
     log = lambda d: [json.loads(l)["fitness_mean"] for l in (tmp_path / d / "log.jsonl").open()]  # noqa: E731
-    assert log("one") == log("two")
+    # the same members and ranking; the fitness values themselves may differ in the last float32 bits,
+    # since one process and two sum the same products with different thread counts
+    assert log("one") == pytest.approx(log("two"), rel=1e-5, abs=1e-6)
     again = evolve_cli(["--resume", str(tmp_path / "one"), "--generations", "3"])
     assert again.returncode == 0, again.stderr
     assert CMAES.load(tmp_path / "one" / "state").generation == 3
