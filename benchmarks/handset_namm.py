@@ -49,11 +49,16 @@ def steady_dc(share: float, features: FeatureConfig) -> float:
     return share * features.window / 2
 
 
+def check_one_hidden_layer(scorer: MLPScorer, rule: str) -> None:
+    """Both rules use two units of one hidden layer."""
+    if len(scorer.hidden) != 1 or scorer.hidden[0] < 2:
+        raise ValueError(f"the {rule} NAMM needs one hidden layer of at least 2 units (--hidden 2 or more)")
+
+
 def streaming_params(scorer: MLPScorer, features: FeatureConfig, norm_mean: torch.Tensor, norm_std: torch.Tensor,
                      sink_share: float) -> torch.Tensor:
     """(num_params,) parameters of the streaming-like scorer (see the module docstring)."""
-    if len(scorer.hidden) != 1 or scorer.hidden[0] < 2:
-        raise ValueError("the streaming-like NAMM needs one hidden layer of at least 2 units (--hidden 2 or more)")
+    check_one_hidden_layer(scorer, "streaming-like")
     half = features.recency_dims // 2
     dc = features.recency_dims  # the DC bin is the first spectrogram feature, after the recency embedding
     threshold = (steady_dc(sink_share, features) - float(norm_mean[0])) / max(float(norm_std[0]), features.eps)
@@ -69,14 +74,13 @@ def streaming_params(scorer: MLPScorer, features: FeatureConfig, norm_mean: torc
 
 def attention_params(scorer: MLPScorer, features: FeatureConfig) -> torch.Tensor:
     """(num_params,) parameters of the attention-ranked scorer (see the module docstring)."""
-    if len(scorer.hidden) != 1 or scorer.hidden[0] < 2:
-        raise ValueError("the attention-ranked NAMM needs one hidden layer of at least 2 units (--hidden 2 or more)")
+    check_one_hidden_layer(scorer, "attention-ranked")
     half = features.recency_dims // 2
     dc = features.recency_dims
     flat = torch.zeros(1, scorer.num_params)
-    w1, _, w2, _ = split_params(flat, scorer.shapes)
-    w1[0, dc, 0] = ATTENTION_SLOPE
-    w1[0, half - 1, 1] = -1.0
+    w1, _, w2, _ = split_params(flat, scorer.shapes)  # views into ``flat``
+    w1[0, dc, 0] = ATTENTION_SLOPE  # attention received: more is better
+    w1[0, half - 1, 1] = -1.0  # sin(r w_slowest): grows with the distance to the newest token
     w2[0, 0, 0] = 1.0
     w2[0, 1, 0] = TIE_BREAK
     return flat[0]
