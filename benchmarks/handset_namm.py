@@ -2,7 +2,8 @@
 
     python benchmarks/handset_namm.py --rule streaming --normalization runs/smollm2-135m-margin/normalization \\
         [--hidden 8] [--sink-share 0.03] --out runs/streaming-namm
-    python benchmarks/handset_namm.py --rule attention --normalization runs/NAME/normalization --out runs/attention-namm
+    python benchmarks/handset_namm.py --rule attention --normalization runs/NAME/normalization [--pool 7] \
+        --out runs/attention-namm
     namm evolve --init-checkpoint runs/streaming-namm --scorer mlp --hidden 8 ... --out runs/stage3
 
 Both are MLP scorers (``--hidden H``, H >= 2; tanh units, docs/algorithm.md §5) whose other hidden
@@ -19,7 +20,8 @@ with the strongest query-agnostic baseline instead of at the full cache.
 update's queries, smoothed over time), the second the recency sine with a small weight that only
 breaks ties. With ``--n-up 32`` on the prompt-end schedule the queries are the question's, so the
 NAMM ranks like SnapKV's observation-window vote without its max-pool (a per-token scorer sees no
-neighbours).
+neighbours). ``--pool 7`` records a selection that max-pools every score over 7 neighbouring slots
+(docs/algorithm.md §6): with it the rule is SnapKV's vote, max-pool included.
 
 The recency sine sin(r w) with the slowest frequency w rises with the distance r up to
 r = pi / (2 w) (5,253 tokens at the default base), so the recency ranking holds for caches up to
@@ -95,14 +97,18 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--hidden", type=int, default=8, help="hidden units of the MLP scorer (>= 2; default 8)")
     p.add_argument("--sink-share", type=float, default=0.03,
                    help="streaming rule: attention share above which a token counts as a sink (default 0.03)")
+    p.add_argument("--pool", type=int, default=1,
+                   help="odd number of neighbouring slots each score is max-pooled over at selection (default 1: none)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     args = p.parse_args(argv)
     if not 0 < args.sink_share < 1:
         raise SystemExit(f"--sink-share must be in (0, 1), got {args.sink_share}")
+    if args.pool < 1 or args.pool % 2 == 0:
+        raise SystemExit(f"--pool must be an odd number >= 1, got {args.pool}")
     source = load_namm_checkpoint(args.normalization)
     features = FeatureConfig(**source.config["features"])
     scorer = MLPScorer(in_dim=features.dim, hidden=(args.hidden,))
-    config = namm_config(features, scorer.config())
+    config = namm_config(features, scorer.config(), pool=args.pool)
     limit = math.pi / (2 * float(recency_frequencies(features)[-1]))
     provenance = {"kind": "hand-set", "normalization_from": str(args.normalization), "valid_up_to_tokens": int(limit)}
     if args.rule == "streaming":
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         params = attention_params(scorer, features)
         provenance.update(rule="attention-ranked")
-        summary = f"the most attended tokens first (update window {features.n_up} queries)"
+        summary = f"the most attended tokens first (update window {features.n_up} queries, pool {args.pool})"
     path = save_namm_checkpoint(args.out, params, source.mean, source.std, config, provenance)
     print(f"wrote {path}: {summary} (recency valid up to {int(limit)} cached tokens)")
     return path

@@ -73,6 +73,8 @@ def corrupt(path, **changes):
      "bad feature config"),
     (lambda p: corrupt(p, config={"features": {}, "scorer": {"kind": "lstm"}}), ValueError, "unknown NAMM scorer"),
     (lambda p: corrupt(p, config={"features": {"window": 16}, "scorer": {"kind": "bam"}}), ValueError, "scorer needs"),
+    (lambda p: corrupt(p, config={**json.loads(p.read_text())["config"], "selection": {"pool": 4}}), ValueError,
+     "selection pool must be an odd integer"),
     (lambda p: p.with_suffix(".safetensors").write_bytes(b"garbage"), ValueError, "cannot read tensors"),
     (lambda p: p.with_suffix(".safetensors").unlink(), FileNotFoundError, "missing"),
 ])

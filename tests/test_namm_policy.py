@@ -12,7 +12,7 @@ import namm
 from namm.memory.driver import MemoryRunner, memory_attention_enabled
 from namm.policies.namm import BAMScorer, MLPScorer, NAMMPolicy, Normalization, make_scorer
 from namm.policies.namm.calibration import calibrate_normalization
-from namm.policies.namm.selection import select_tokens
+from namm.policies.namm.selection import pooled_scores, select_tokens
 from tiny_models import KINDS, random_prompt, tiny_model
 
 N_UP = 32
@@ -97,6 +97,23 @@ def test_selection_threshold_uniform_count_newest_and_cap():
     assert capped.sum(-1).tolist() == [[2, 2]] and capped[0, :, 4].all()
     assert select_tokens(torch.full_like(scores, float("nan")), valid)[0, :, :5].sum(-1).tolist() == [1, 1]
     assert select_tokens(scores, valid, threshold=-0.35).sum(-1).tolist() == [[4, 4]]
+
+
+def test_neighbour_pool_keeps_a_peak_with_its_neighbours():
+    """pool 5: the slots within two of the best-scored one share its score, so they survive
+    together; empty slots never lend a score; pool 1 changes nothing."""
+    valid = torch.ones(1, 1, 12, dtype=torch.bool)
+    valid[0, 0, 11] = False
+    scores = torch.linspace(0, 0.1, 12).view(1, 1, 12)  # newer slots score a little higher
+    scores[0, 0, 4] = 5.0
+    scores[0, 0, 11] = 99.0  # an empty slot
+    pooled = pooled_scores(scores, valid, 5)
+    assert pooled[0, 0, 2:7].eq(5.0).all() and pooled[0, 0, 7] < 1 and pooled[0, 0, 10] == scores[0, 0, 10]
+    keep = select_tokens(pooled, valid, cap=torch.tensor([6]))
+    assert keep[0, 0].nonzero().flatten().tolist() == [2, 3, 4, 5, 6, 10], "the peak's five slots, then the newest"
+    assert pooled_scores(scores, valid, 1) is scores
+    unpooled = select_tokens(scores, valid, cap=torch.tensor([6]))
+    assert unpooled[0, 0].nonzero().flatten().tolist() == [4, 6, 7, 8, 9, 10]
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -191,5 +208,7 @@ def test_bad_policy_options():
         namm.make_policy("namm", max_tokens=1)
     with pytest.raises(ValueError, match="max_fraction"):
         namm.make_policy("namm", max_fraction=1.5)
+    with pytest.raises(ValueError, match="pool must be an odd integer"):
+        namm.make_policy("namm", checkpoint="zeros", pool=4)
     with pytest.raises(ValueError, match="unknown NAMM scorer"):
         namm.make_policy("namm", scorer="lstm")

@@ -137,8 +137,9 @@ def test_query_agnostic_proxy_matches_real_eviction(tiny, statistic):
                          query_agnostic=True)
 
 
-@pytest.mark.parametrize("budget,query_agnostic", [(0.3, True), (None, True), (0.3, False), (None, False)])
-def test_prompt_end_proxy_is_exact_past_many_update_points(tiny, budget, query_agnostic):
+@pytest.mark.parametrize("budget,query_agnostic,pool", [(0.3, True, 1), (None, True, 1), (0.3, False, 1),
+                                                        (None, False, 1), (0.3, False, 5)])
+def test_prompt_end_proxy_is_exact_past_many_update_points(tiny, budget, query_agnostic, pool):
     """On the prompt-end schedule the context (query-agnostic) or the whole prompt, question
     included (query-aware), compresses once, at its end, however many n_up boundaries it crossed:
     the proxy then gives real eviction's values exactly."""
@@ -146,7 +147,7 @@ def test_prompt_end_proxy_is_exact_past_many_update_points(tiny, budget, query_a
     samples = [(0, s) for s in get_task("passkey").samples(tokenizer, 300, 2, seed=5)]
     prompts = tokenize_samples(tokenizer, model, samples, query_agnostic=query_agnostic)
     policy = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=N_UP, budget=budget,
-                              schedule="prompt-end")
+                              schedule="prompt-end", pool=pool)
     params = random_params(policy, 3, seed=1)
     scorer = ProxyScorer(model, policy, progress=False, statistic="margin")
     got = scorer.members(params, prompts)

@@ -37,7 +37,7 @@ from namm.memory.driver import MemoryRunner, memory_attention_enabled
 from namm.policies.base import LayerView, MemoryPolicy
 from namm.policies.registry import make_policy
 from namm.policies.namm.policy import NAMMPolicy
-from namm.policies.namm.selection import out_of_window, select_tokens
+from namm.policies.namm.selection import out_of_window, pooled_scores, select_tokens
 
 GATHER_FLOATS = 1 << 25  # feature floats gathered at once during a replay (bounds its memory)
 NO_WINDOW = 1 << 40  # ProxyPrompt.windows of a global-attention layer
@@ -171,6 +171,7 @@ def replay(prompt: ProxyPrompt, namm: NAMMPolicy, params: Tensor) -> Tensor:
             else:
                 x = gather_slots(features.expand(n, L, H, K, dim), order[rows], 3).reshape(n * L, H, W, dim)
                 scores = namm.net.score(x, valid, params[rows].repeat_interleave(L, dim=0))
+            scores = pooled_scores(scores, valid, namm.pool)
             scores, cap = out_of_window(scores, valid, order[rows].reshape(n * L, H, W), seen.repeat(n),
                                         prompt.windows.to(seen.device).repeat(n), namm.cap(seen.repeat(n)))
             keep[rows] = select_tokens(scores, valid, namm.threshold, cap).view(n, L, H, W)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -35,3 +36,13 @@ def keep_top(scores: Tensor, count: Tensor, valid: Tensor, always: Tensor | None
     rank.scatter_(-1, order, torch.arange(K, device=scores.device).expand(B, H, K))
     limit = count.to(scores.device).view(B, 1, 1).clamp(min=1)
     return valid & (rank < limit)
+
+
+def neighbour_max(scores: Tensor, width: int) -> Tensor:
+    """(B, H, K) each slot's score replaced by the largest within ``width`` (odd) slots centred on
+    it, so a token survives with its neighbours; ``width`` 1 returns ``scores`` unchanged."""
+    if width == 1:
+        return scores
+    B, H, K = scores.shape
+    pooled = F.max_pool1d(scores.reshape(B * H, 1, K), kernel_size=width, stride=1, padding=width // 2)
+    return pooled.reshape(B, H, K)

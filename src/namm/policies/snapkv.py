@@ -12,20 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from namm.policies.base import LayerView, MemoryPolicy
 from namm.policies.budget import Budget, budget_policy_init
-from namm.policies.selection import keep_top, recent_slots
+from namm.policies.selection import keep_top, neighbour_max, recent_slots
 
 
 def snapkv_scores(view: LayerView, kernel: int) -> Tensor:
     """(B, H, K) pooled attention votes of the buffered observation window."""
-    votes = view.attention().sum(2)
-    B, H, K = votes.shape
-    pooled = F.max_pool1d(votes.reshape(B * H, 1, K), kernel_size=kernel, stride=1, padding=kernel // 2)
-    return pooled.reshape(B, H, K)
+    return neighbour_max(view.attention().sum(2), kernel)
 
 
 @dataclass

@@ -52,11 +52,18 @@ class NAMMCheckpoint:
         return Normalization(self.mean, self.std)
 
 
-def namm_config(features: FeatureConfig | None = None, scorer: str | dict = "bam", threshold: float = 0.0) -> dict:
+def namm_config(features: FeatureConfig | None = None, scorer: str | dict = "bam", threshold: float = 0.0,
+                pool: int = 1) -> dict:
     """The config dict of a checkpoint (features, scorer, selection)."""
     features = features or FeatureConfig()
     return {"features": features.to_dict(), "scorer": make_scorer(scorer, features.dim).config(),
-            "selection": {"threshold": float(threshold)}}
+            "selection": {"threshold": float(threshold), "pool": int(pool)}}
+
+
+def check_pool(pool: object, where: str) -> None:
+    """Raise ValueError unless ``pool`` (the neighbour pool of the selection) is an odd int >= 1."""
+    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
+        raise ValueError(f"{where} must be an odd integer >= 1, got {pool!r}")
 
 
 def zeros_checkpoint(scorer: str | dict = "bam", features: FeatureConfig | None = None,
@@ -97,6 +104,7 @@ def validate(ckpt: NAMMCheckpoint, where: str) -> None:
     threshold = config.get("selection", {}).get("threshold", 0.0)
     if not isinstance(threshold, (int, float)):
         raise ValueError(f"NAMM checkpoint {where}: selection threshold must be a number")
+    check_pool(config.get("selection", {}).get("pool", 1), f"NAMM checkpoint {where}: selection pool")
     schedule = config.get("selection", {}).get("schedule", "progressive")
     if schedule not in SCHEDULES:
         raise ValueError(f"NAMM checkpoint {where}: unknown schedule {schedule!r} (one of {', '.join(SCHEDULES)})")

@@ -18,11 +18,11 @@ from torch import Tensor
 
 from namm.policies.base import LayerView, MemoryPolicy
 from namm.policies.budget import Budget
-from namm.policies.namm.checkpoint import (NAMMCheckpoint, load_namm_checkpoint, namm_config, shipped_namm_for,
-                                          zeros_checkpoint)
+from namm.policies.namm.checkpoint import (NAMMCheckpoint, check_pool, load_namm_checkpoint, namm_config,
+                                          shipped_namm_for, zeros_checkpoint)
 from namm.policies.namm.features import Normalization, layer_features, token_features
 from namm.policies.namm.scorers import make_scorer
-from namm.policies.namm.selection import out_of_window, select_tokens
+from namm.policies.namm.selection import out_of_window, pooled_scores, select_tokens
 
 
 @dataclass(eq=False)
@@ -34,7 +34,8 @@ class NAMMPolicy(MemoryPolicy):
     the architecture of the "zeros" checkpoint and must match a loaded one. ``max_tokens`` (>= 2)
     or ``max_fraction`` (in (0, 1]) cap each layer's cache. ``budget`` (a fraction of tokens seen
     or a token count) switches to budget mode: no threshold, each layer keeps exactly its
-    top-scored tokens up to the budget."""
+    top-scored tokens up to the budget. ``pool`` (odd, default the checkpoint's, else 1) max-pools
+    each token's score over that many neighbouring slots before selection."""
 
     checkpoint: str | NAMMCheckpoint | None = None
     threshold: float | None = None
@@ -43,6 +44,7 @@ class NAMMPolicy(MemoryPolicy):
     n_up: int | None = None
     scorer: str | dict | None = None
     budget: float | int | str | None = None
+    pool: int | None = None
     name = "namm"
 
     def __post_init__(self) -> None:
@@ -54,6 +56,8 @@ class NAMMPolicy(MemoryPolicy):
             raise ValueError(f"max_tokens must be an integer >= 2, got {self.max_tokens!r}")
         if self.max_fraction is not None and not 0 < float(self.max_fraction) <= 1:
             raise ValueError(f"max_fraction must be in (0, 1], got {self.max_fraction!r}")
+        if self.pool is not None:
+            check_pool(self.pool, "pool")
         if self.budget is not None and not isinstance(self.budget, Budget):
             Budget(self.budget)  # validates now, before any model is loaded
         if self.scorer is not None:
@@ -99,6 +103,8 @@ class NAMMPolicy(MemoryPolicy):
         self.checkpoint_threshold = float(ckpt.config.get("selection", {}).get("threshold", 0.0)
                                           if self.threshold is None else self.threshold)
         self.threshold = self.checkpoint_threshold
+        if self.pool is None:
+            self.pool = int(ckpt.config.get("selection", {}).get("pool", 1))
         schedule = ckpt.config.get("selection", {}).get("schedule")
         if schedule is not None and "_schedule" not in self.__dict__:  # an explicit schedule wins
             self.schedule = schedule
@@ -136,7 +142,7 @@ class NAMMPolicy(MemoryPolicy):
 
     def config(self) -> dict:
         """The checkpoint config of this policy (features, scorer, selection with its schedule)."""
-        config = namm_config(self.features, self.net.config(), self.checkpoint_threshold)
+        config = namm_config(self.features, self.net.config(), self.checkpoint_threshold, self.pool)
         config["selection"]["schedule"] = self.schedule
         return config
 
@@ -181,7 +187,7 @@ class NAMMPolicy(MemoryPolicy):
         return self.net.score(self.token_features(view), view.valid, self.row_params(view.rows))
 
     def select(self, view: LayerView) -> Tensor:
-        scores, cap = self.scores(view), self.cap(view.tokens_seen)
+        scores, cap = pooled_scores(self.scores(view), view.valid, self.pool), self.cap(view.tokens_seen)
         if view.sliding_window is not None:
             window = torch.full_like(view.tokens_seen, int(view.sliding_window))
             scores, cap = out_of_window(scores, view.valid, view.positions, view.tokens_seen, window, cap)

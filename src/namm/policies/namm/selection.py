@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from namm.policies.selection import keep_top
+from namm.policies.selection import keep_top, neighbour_max
 
 
 def newest_mask(valid: Tensor) -> Tensor:
@@ -31,6 +31,15 @@ def select_tokens(scores: Tensor, valid: Tensor, threshold: float = 0.0, cap: Te
     if cap is not None:
         count = torch.minimum(count, cap.to(count.device))
     return keep_top(scores, count, valid)
+
+
+def pooled_scores(scores: Tensor, valid: Tensor, pool: int) -> Tensor:
+    """(B, H, K) scores max-pooled over ``pool`` (odd) neighbouring slots of a head, so a token
+    survives with its neighbours (docs/algorithm.md §6); empty slots and NaN count as -inf."""
+    if pool == 1:
+        return scores
+    scores = scores.float().nan_to_num(nan=float("-inf")).masked_fill(~valid, float("-inf"))
+    return neighbour_max(scores, pool)
 
 
 def out_of_window(scores: Tensor, valid: Tensor, positions: Tensor, tokens_seen: Tensor, window: Tensor,
