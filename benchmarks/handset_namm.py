@@ -3,7 +3,7 @@
     python benchmarks/handset_namm.py --rule streaming --normalization runs/smollm2-135m-margin/normalization \\
         [--hidden 8] [--sink-share 0.03] --out runs/streaming-namm
     python benchmarks/handset_namm.py --rule attention --normalization runs/NAME/normalization [--pool 7] \
-        --out runs/attention-namm
+        [--schedule prompt-end] --out runs/attention-namm
     namm evolve --init-checkpoint runs/streaming-namm --scorer mlp --hidden 8 ... --out runs/stage3
 
 Both are MLP scorers (``--hidden H``, H >= 2; tanh units, docs/algorithm.md §5) whose other hidden
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from namm.policies.base import SCHEDULES
 from namm.policies.namm.checkpoint import load_namm_checkpoint, namm_config, save_namm_checkpoint
 from namm.policies.namm.features import FeatureConfig, recency_frequencies
 from namm.policies.namm.scorers import MLPScorer, split_params
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> Path:
                    help="streaming rule: attention share above which a token counts as a sink (default 0.03)")
     p.add_argument("--pool", type=int, default=1,
                    help="odd number of neighbouring slots each score is max-pooled over at selection (default 1: none)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="schedule to record in the checkpoint (default: none, so the policy's own default)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     args = p.parse_args(argv)
     if not 0 < args.sink_share < 1:
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> Path:
     features = FeatureConfig(**source.config["features"])
     scorer = MLPScorer(in_dim=features.dim, hidden=(args.hidden,))
     config = namm_config(features, scorer.config(), pool=args.pool)
+    if args.schedule:
+        config["selection"]["schedule"] = args.schedule
     limit = math.pi / (2 * float(recency_frequencies(features)[-1]))
     provenance = {"kind": "hand-set", "normalization_from": str(args.normalization), "valid_up_to_tokens": int(limit)}
     if args.rule == "streaming":

@@ -60,11 +60,12 @@ def test_handset_checkpoints_run_as_budget_policies(tmp_path):
     assert ckpt.provenance["rule"] == "streaming-like" and torch.equal(ckpt.std, zeros.std * 0.2)
     assert namm.make_policy("namm", checkpoint=str(tmp_path / "s"), budget=0.25).num_params == ckpt.params.numel()
     path = module.main(["--rule", "attention", "--normalization", str(tmp_path / "norm"), "--hidden", "4",
-                        "--pool", "7", "--out", str(tmp_path / "a")])
+                        "--pool", "7", "--schedule", "prompt-end", "--out", str(tmp_path / "a")])
     ckpt = load_namm_checkpoint(path)
     assert ckpt.provenance["rule"] == "attention-ranked" and ckpt.config["selection"]["pool"] == 7
     policy = namm.make_policy("namm", checkpoint=str(tmp_path / "a"), budget=0.5)
     assert policy.num_params == ckpt.params.numel() and policy.pool == 7 and policy.config()["selection"]["pool"] == 7
+    assert policy.schedule == "prompt-end"
     assert namm.make_policy("namm", checkpoint=str(tmp_path / "a"), pool=1).pool == 1, "an explicit pool wins"
 
 
