@@ -315,6 +315,14 @@ def test_cli_budget_evolution_then_finalize(tmp_path, capsys):
     assert selection["mode"] == "budget" and selection["threshold_target"] == 0.5
     assert 0.3 < selection["threshold_fraction_train"] < 0.7
     assert namm.make_policy("namm", checkpoint=str(tmp_path / "c.json")).threshold == selection["threshold"]
+    assert ckpt.provenance["finalized_from"] == str(run / "best")
+    mean = run / "means" / "gen-0001"
+    code = main(["finalize", "--run", str(run), "--checkpoint", str(mean), "--target", "0.5", "--prompts", "2",
+                 "--out", str(tmp_path / "m.json")])
+    assert code == 0, capsys.readouterr().err
+    picked = load_namm_checkpoint(tmp_path / "m.json")
+    assert torch.equal(picked.params, load_namm_checkpoint(mean).params)
+    assert picked.provenance["finalized_from"] == str(mean)
     code = main(["evolve", "--model", str(model_dir), "--tasks", "passkey", "--length", "300,x", "--generations", "1",
                  "--out", str(tmp_path / "bad")])
     assert code == 2 and "--length takes comma-separated integers" in capsys.readouterr().err

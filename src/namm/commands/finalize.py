@@ -12,13 +12,16 @@ from namm.commands.common import add_device_args, load_model_from_args, set_thre
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "finalize", help="make a shippable checkpoint from an evolution run (threshold for threshold mode)",
-        description="Take the best CMA-ES mean of an evolution run (RUN/best) and save it as a NAMM checkpoint "
+        description="Take the best CMA-ES mean of an evolution run (RUN/best, or --checkpoint) and save it as a NAMM checkpoint "
                     "whose threshold makes threshold mode (the default mode of `--policy namm`) keep a target "
                     "share of the KV cache on average over the run's training prompts. Budget-mode runs learn "
                     "only to rank tokens; this gives them one score cut shared by every layer, so each layer's "
                     "size stays emergent. The cut is found by bisection on the proxy replay (docs/algorithm.md "
                     "§6); no evaluation data is used.")
     p.add_argument("--run", dest="run_dir", required=True, help="evolution run directory (with best/ and normalization/)")
+    p.add_argument("--checkpoint", default=None,
+                   help="the run's checkpoint to finalize, e.g. RUN/means/gen-0030 picked on validation prompts "
+                        "(default: RUN/best, the best mean on the training prompts)")
     p.add_argument("--target", type=float, default=0.35,
                    help="mean KV fraction threshold mode should hold on the training prompts (default 0.35)")
     p.add_argument("--prompts", type=int, default=16, help="training prompts used for the calibration (default 16)")
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args)
     run_dir = Path(args.run_dir)
     config = load_run_config(run_dir)
-    best = load_namm_checkpoint(str(run_dir / "best"))
+    best = load_namm_checkpoint(args.checkpoint or str(run_dir / "best"))
     if args.prompts < 1:
         raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
     writable_dir(str(Path(args.out).parent if Path(args.out).suffix else Path(args.out)))
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     threshold, fraction = calibrate_threshold(records, policy, best.params, args.target)
     selection = {**best.config.get("selection", {}), "threshold": threshold, "threshold_target": args.target,
                  "threshold_fraction_train": fraction, "threshold_prompts": len(prompts)}
-    provenance = {**best.provenance, "finalized_from": str(run_dir)}
+    provenance = {**best.provenance, "finalized_from": str(args.checkpoint or run_dir / "best")}
     path = save_namm_checkpoint(args.out, best.params, best.mean, best.std, {**best.config, "selection": selection},
                                 provenance)
     print(f"threshold {threshold:.6g}: mean KV fraction {fraction:.3f} on {len(prompts)} training prompts "
