@@ -2,7 +2,7 @@
 
     python benchmarks/handset_namm.py --rule streaming --normalization runs/smollm2-135m-margin/normalization \\
         [--hidden 8] [--sink-share 0.03] --out runs/streaming-namm
-    python benchmarks/handset_namm.py --rule attention --normalization runs/NAME/normalization [--pool 7] \
+    python benchmarks/handset_namm.py --rule attention --normalization runs/NAME/normalization [--pool 7] \\
         [--schedule prompt-end] --out runs/attention-namm
     namm evolve --init-checkpoint runs/streaming-namm --scorer mlp --hidden 8 ... --out runs/stage3
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from namm.policies.base import SCHEDULES
-from namm.policies.namm.checkpoint import load_namm_checkpoint, namm_config, save_namm_checkpoint
+from namm.policies.namm.checkpoint import check_pool, load_namm_checkpoint, namm_config, save_namm_checkpoint
 from namm.policies.namm.features import FeatureConfig, recency_frequencies
 from namm.policies.namm.scorers import MLPScorer, split_params
 
@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
     if not 0 < args.sink_share < 1:
         raise SystemExit(f"--sink-share must be in (0, 1), got {args.sink_share}")
-    if args.pool < 1 or args.pool % 2 == 0:
-        raise SystemExit(f"--pool must be an odd number >= 1, got {args.pool}")
+    try:
+        check_pool(args.pool, "--pool")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     source = load_namm_checkpoint(args.normalization)
     features = FeatureConfig(**source.config["features"])
     scorer = MLPScorer(in_dim=features.dim, hidden=(args.hidden,))
