@@ -71,7 +71,7 @@ def runs_of(args: argparse.Namespace, length: int) -> list[tuple[str, list[dict]
     if args.threshold_checkpoint:
         threshold_own = make_policy("namm", checkpoint=args.threshold_checkpoint).schedule
         rows = compare(root / f"threshold-namm-{threshold_own}-{protocol}", length, args, "namm", args.tasks,
-                       threshold_own, [], args.threshold_checkpoint, agnostic)["rows"]
+                       threshold_own, ["--match-cache", "namm"], args.threshold_checkpoint, agnostic)["rows"]
         done.append(("threshold", rows))
         for r in [r for r in rows if r["policy"] == "namm"]:  # the baselines at the NAMM's measured fraction
             for schedule in SCHEDULES:

@@ -75,6 +75,6 @@ def test_the_namm_runs_on_its_checkpoints_schedule_and_protocol(acc, monkeypatch
     assert calls == [("full,namm", schedule, ["--budgets", "0.25"], agnostic),
                      ("streaming", "progressive", ["--budgets", "0.25"], True),
                      ("streaming", "prompt-end", ["--budgets", "0.25"], True),
-                     ("namm", schedule, [], agnostic),
+                     ("namm", schedule, ["--match-cache", "namm"], agnostic),  # its own threshold, no budget
                      ("streaming", "progressive", ["--budgets", "0.3100"], True),
                      ("streaming", "prompt-end", ["--budgets", "0.3100"], True)]
