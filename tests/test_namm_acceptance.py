@@ -78,3 +78,20 @@ def test_the_namm_runs_on_its_checkpoints_schedule_and_protocol(acc, monkeypatch
                      ("namm", schedule, ["--match-cache", "namm"], agnostic),  # its own threshold, no budget
                      ("streaming", "progressive", ["--budgets", "0.3100"], True),
                      ("streaming", "prompt-end", ["--budgets", "0.3100"], True)]
+
+
+def test_the_threshold_call_plans_the_namm_without_a_budget(acc, monkeypatch, tmp_path):
+    """The threshold-mode NAMM run, parsed by the real `namm compare` parser, runs on its own
+    threshold: one run with no budget (a budget would switch it to budget mode)."""
+    from namm.cli import build_parser
+    from namm.commands.compare import plan
+
+    seen = []
+    monkeypatch.setattr(acc.subprocess, "run", lambda command, **kw: seen.append(command[3:]))
+    (tmp_path / "results.json").write_text('{"rows": []}')
+    args = argparse.Namespace(model="m", samples=32, seed=100, batch_size=4, threads=1)
+    acc.compare(tmp_path, 2048, args, "namm", "passkey", "prompt-end", ["--match-cache", "namm"], "ckpt")
+    assert plan(build_parser().parse_args(seen[0])) == [("passkey", "namm", None)]
+    acc.compare(tmp_path, 2048, args, "namm", "passkey", "prompt-end", [], "ckpt")
+    assert plan(build_parser().parse_args(seen[1])) == [("passkey", "namm", "0.25"), ("passkey", "namm", "0.5")], \
+        "without --match-cache compare falls back to its default budgets (the bug this guards against)"
