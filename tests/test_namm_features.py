@@ -23,7 +23,7 @@ def reference_token(signal: np.ndarray, tail: np.ndarray | None, old_ema: np.nda
                     cfg: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
     """One token: its n_up-long signal -> (new EMA (bins,), new tail (carry,)), by loops."""
     prefix = np.zeros(cfg.carry) if tail is None else tail
-    full = np.concatenate([prefix, signal])
+    full = np.concatenate([prefix, signal, np.zeros(cfg.end_pad)])
     hann = np.array([0.5 - 0.5 * math.cos(2 * math.pi * n / cfg.window) for n in range(cfg.window)])
     a = cfg.gamma ** cfg.hop
     ema = np.zeros(cfg.bins)
@@ -128,9 +128,11 @@ def test_tokens_arriving_mid_window_and_carried_state(monkeypatch, chunk):
                                        reference_recency(95 - int(positions[0, h, j]), CONFIG), atol=1e-5)
 
 
-def test_arrival_mask_matters_when_the_signal_is_not_zero_before_arrival():
-    """The arrival mask is applied to the frame weights, not only implied by a zero signal."""
-    cfg = FeatureConfig(n_up=64)
+@pytest.mark.parametrize("end_pad", [0, 16])
+def test_arrival_mask_matters_when_the_signal_is_not_zero_before_arrival(end_pad):
+    """The arrival mask is applied to the frame weights, not only implied by a zero signal (with and
+    without zeros appended to the signal)."""
+    cfg = FeatureConfig(n_up=64, end_pad=end_pad)
     attn = torch.rand(1, 1, 64, 1)
     positions = torch.tensor([[[40]]])
     kwargs = dict(query_positions=torch.arange(64).view(1, 64), positions=positions, valid=positions >= 0,
@@ -141,6 +143,23 @@ def test_arrival_mask_matters_when_the_signal_is_not_zero_before_arrival():
     np.testing.assert_allclose(new, ema, rtol=1e-4, atol=1e-6)
     old = raw_features(attn, is_new=torch.tensor([[[False]]]), **kwargs).ema[0, 0, 0]
     assert (old > torch.from_numpy(new).float() + 1e-6).any()
+
+
+def test_end_pad_lets_the_newest_queries_count():
+    """Without end padding the Hann window hides the newest query's attention (weight ~0.01 at the
+    window's last sample); 16 appended zeros put it under a frame's centre, and every query of the
+    buffer then gets a total window weight of 1 (docs/algorithm.md §4)."""
+    def dc(end_pad: int, query: int) -> float:
+        cfg = FeatureConfig(n_up=32, end_pad=end_pad)
+        attn = torch.zeros(1, 1, 32, 1)
+        attn[0, 0, query, 0] = 1.0
+        positions = torch.tensor([[[0]]])
+        raw = raw_features(attn, torch.arange(32).view(1, 32), positions, positions >= 0, torch.tensor([[[True]]]),
+                           torch.tensor([32]), torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 17), cfg)
+        return float(raw.ema[0, 0, 0, 0])
+    assert dc(0, 31) < 0.01 * dc(0, 16)
+    assert dc(16, 31) > 0.5 * dc(16, 16)
+    assert FeatureConfig(n_up=32, end_pad=16).frames == FeatureConfig(n_up=32).frames + 1
 
 
 def test_signal_window_places_padded_and_short_query_buffers_in_time_order():
@@ -159,6 +178,10 @@ def test_signal_window_places_padded_and_short_query_buffers_in_time_order():
 def test_feature_config_rejects_inconsistent_windows():
     with pytest.raises(ValueError, match="multiple of hop"):
         FeatureConfig(n_up=40)
+    with pytest.raises(ValueError, match="multiple of hop"):
+        FeatureConfig(n_up=32, end_pad=8)
+    with pytest.raises(ValueError, match="end_pad >= 0"):
+        FeatureConfig(n_up=32, end_pad=-16)
     with pytest.raises(ValueError, match="n_up"):
         namm.make_policy("namm", checkpoint="zeros", n_up=8)
     assert FeatureConfig().frames == 32 and FeatureConfig().bins == 17 and FeatureConfig().dim == 25

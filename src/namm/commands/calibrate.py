@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=8, help="number of task prompts (default 8)")
     p.add_argument("--seed", type=int, default=0, help="task sampling seed (default 0)")
     p.add_argument("--n-up", type=int, default=512, help="tokens between memory updates (default 512)")
+    p.add_argument("--end-pad", type=int, default=0,
+                   help="zeros appended to each attention signal before the STFT, so the newest queries fall "
+                        "under a full window (default 0, the paper; 16 weighs every query alike)")
     p.add_argument("--scorer", default="bam", choices=["bam", "mlp"], help="scorer architecture of the checkpoint")
     p.add_argument("--out", required=True, help="checkpoint path: FILE.json / FILE.safetensors, or a folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from namm.policies.namm.features import FeatureConfig
 
     set_threads(args)
-    features = FeatureConfig(n_up=args.n_up)
+    features = FeatureConfig(n_up=args.n_up, end_pad=args.end_pad)
     if args.samples < 1:
         raise ValueError("--samples must be >= 1")
     texts = [read_text_file(f) for f in args.prompt_file] if args.prompt_file else None

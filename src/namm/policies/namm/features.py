@@ -2,8 +2,9 @@
 
 For every cached token of a layer and KV head the signal is the attention it received from the
 last ``n_up`` queries (GQA-averaged, in time order). Prepended with the last ``carry`` values of
-the token's previous signal (zeros for new tokens), it goes through an STFT (periodic Hann window
-32, hop 16, no centring, magnitude: 32 frames x 17 bins), the frames are folded into an
+the token's previous signal (zeros for new tokens) and, optionally, followed by ``end_pad`` zeros,
+it goes through an STFT (periodic Hann window 32, hop 16, no centring, magnitude: 32 frames x 17
+bins), the frames are folded into an
 exponential moving average that carries over between updates, and the normalised EMA is joined
 to a sinusoidal embedding of the token's recency. See docs/algorithm.md §3-4.
 
@@ -41,13 +42,15 @@ class FeatureConfig:
     recency_dims: int = 8  # sin/cos recency embedding size (even)
     recency_base: float = 50000.0  # recency frequencies base^(-k / (recency_dims / 2))
     eps: float = 1e-7  # floor of the normalisation std
+    end_pad: int = 0  # zeros appended after the newest query (0: the paper; docs/algorithm.md §4)
 
     def __post_init__(self) -> None:
-        if self.window < 2 or self.hop < 1 or self.carry < 0:
-            raise ValueError("feature config: window must be >= 2, hop >= 1 and carry >= 0")
-        if self.n_up + self.carry < self.window or (self.n_up + self.carry - self.window) % self.hop:
-            raise ValueError(f"feature config: n_up + carry - window must be a non-negative multiple of hop "
-                             f"(n_up={self.n_up}, carry={self.carry}, window={self.window}, hop={self.hop})")
+        if self.window < 2 or self.hop < 1 or self.carry < 0 or self.end_pad < 0:
+            raise ValueError("feature config: window must be >= 2, hop >= 1, carry >= 0 and end_pad >= 0")
+        if self.n_up + self.carry < self.window or (self.n_up + self.carry + self.end_pad - self.window) % self.hop:
+            raise ValueError(f"feature config: n_up + carry + end_pad - window must be a non-negative multiple of "
+                             f"hop (n_up={self.n_up}, carry={self.carry}, end_pad={self.end_pad}, "
+                             f"window={self.window}, hop={self.hop})")
         if self.carry > self.n_up:
             raise ValueError(f"feature config: carry ({self.carry}) must not exceed n_up ({self.n_up})")
         if not 0 < self.gamma <= 1:
@@ -57,7 +60,7 @@ class FeatureConfig:
 
     @property
     def frames(self) -> int:
-        return (self.n_up + self.carry - self.window) // self.hop + 1
+        return (self.n_up + self.carry + self.end_pad - self.window) // self.hop + 1
 
     @property
     def bins(self) -> int:
@@ -133,10 +136,14 @@ def signal_window(attention: Tensor, query_positions: Tensor, tokens_seen: Tenso
 
 
 def spectrogram(signal: Tensor, tail: Tensor, config: FeatureConfig) -> Tensor:
-    """(B, H, frames, bins, K) STFT magnitude of every token's signal with its tail prepended.
+    """(B, H, frames, bins, K) STFT magnitude of every token's signal with its tail prepended and
+    ``config.end_pad`` zeros appended.
 
     ``signal`` is (B, H, n_up, K) (time along dim 2), ``tail`` is (B, H, carry, K)."""
-    full = torch.cat([tail, signal], dim=2)  # (B, H, carry + n_up, K)
+    parts = [tail, signal]
+    if config.end_pad:
+        parts.append(signal.new_zeros(*signal.shape[:2], config.end_pad, signal.shape[3]))
+    full = torch.cat(parts, dim=2)  # (B, H, carry + n_up + end_pad, K)
     B, H, _, K = full.shape
     s = full.stride()
     frames = full.as_strided((B, H, config.frames, config.window, K), (s[0], s[1], config.hop * s[2], s[2], s[3]))
