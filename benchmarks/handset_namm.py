@@ -43,7 +43,10 @@ from namm.policies.namm.scorers import MLPScorer, split_params
 
 SINK_SHARPNESS = 2.0  # slope of the sink unit per normalised DC unit
 ATTENTION_SLOPE = 0.25  # slope of the attention unit per normalised DC unit (tanh stays unsaturated to ~8 sd)
-TIE_BREAK = 0.05  # weight of the recency unit in the attention rule: below one attention unit's resolution
+# Weight of the recency unit in the attention rule. It must only break ties: over a 2k cache the
+# recency unit spans about 0.5, and at 0.05 that outweighed the small attention differences between
+# a needle's digits and filler (validation prompts, docs/results/evolution-v2/README.md, stage 12).
+TIE_BREAK = 1e-4
 
 
 def steady_dc(share: float, features: FeatureConfig) -> float:
