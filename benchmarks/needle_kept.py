@@ -1,0 +1,104 @@
+"""Does a NAMM keep the needle? A diagnostic of what its selection drops on retrieval prompts.
+
+    python benchmarks/needle_kept.py --checkpoint runs/NAME [--model qwen2.5-coder-0.5b] \\
+        [--task niah_multikey] [--length 2048] [--samples 8] [--seed 60] [--budgets 0.25,0.5] [--out FILE.json]
+
+For prompts whose reference answer appears verbatim in the context (the NIAH tasks, passkey), each
+prompt is read once with the full cache and recorded on the NAMM's schedule (the proxy recorder,
+docs/algorithm.md §8), and the NAMM's budget-mode selection is replayed on the recording. Reported
+per budget: the share of (layer, KV head) pairs that still hold every token of the answer's first
+occurrence, for the NAMM's own scores and for the normalised DC bin alone (the attention the update's
+queries paid each token) under the same neighbour pool. When the DC bin keeps the needle and the
+NAMM does not, the scorer's other inputs outweigh the attention signal. Use validation prompts
+(a training task at a fresh seed), not the evaluation suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import namm
+from namm.evolve.fitness import tokenize_samples
+from namm.evolve.proxy import record_prompt, replay
+from namm.policies.namm.selection import pooled_scores
+from namm.policies.selection import keep_top
+from namm.tasks import get_task
+
+
+def first_occurrence(haystack: list[int], needle: list[int]) -> int | None:
+    """Index of the first occurrence of ``needle`` in ``haystack``, None when absent."""
+    n = len(needle)
+    return next((i for i in range(len(haystack) - n + 1) if haystack[i:i + n] == needle), None)
+
+
+def dc_held(features: Tensor, recency_dims: int, pool: int, budget: float) -> Tensor:
+    """(L, H, K) bool: each head's top ``ceil(budget * K)`` tokens by the normalised DC bin alone,
+    max-pooled over ``pool`` neighbours, for one recorded update's features (L, H, K, dim) whose DC
+    bin follows the ``recency_dims`` recency numbers."""
+    L, H, K, _ = features.shape
+    valid = torch.ones(L, H, K, dtype=torch.bool)
+    count = torch.full((L,), math.ceil(budget * K))
+    return keep_top(pooled_scores(features[..., recency_dims], valid, pool), count, valid)
+
+
+def whole_needle_share(held: Tensor, start: int, length: int) -> float:
+    """Share of (layer, head) pairs of ``held`` (L, H, K) that keep tokens ``start .. start+length-1``."""
+    return float(held[:, :, start:start + length].all(-1).float().mean())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a NAMM checkpoint on the prompt-end schedule")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--task", default="niah_multikey")
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--seed", type=int, default=60)
+    p.add_argument("--budgets", default="0.25,0.5")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = namm.load_model(args.model)
+    samples = get_task(args.task).samples(tokenizer, args.length, args.samples, seed=args.seed)
+    prompts = tokenize_samples(tokenizer, model, [(0, s) for s in samples])
+    budgets = [float(b) for b in args.budgets.split(",")]
+    policy = namm.make_policy("namm", checkpoint=args.checkpoint, budget=budgets[0])
+    policy.bind(model)
+    if policy.schedule != "prompt-end":
+        raise ValueError(f"the checkpoint runs on the {policy.schedule} schedule; this diagnostic replays prompt-end only")
+    rows = []
+    for sample, prompt in zip(samples, prompts):
+        answer = tokenizer(sample.answers[0], add_special_tokens=False).input_ids
+        start = first_occurrence(prompt.token_ids.tolist(), answer)
+        if start is None:
+            raise ValueError(f"prompt {prompt.key}: its answer {sample.answers[0]!r} does not occur in the prompt")
+        record = record_prompt(model, policy, prompt.token_ids, prompt.answer_ids, prompt.key, prompt.task)
+        row = {"prompt": prompt.key, "needle_start": start, "needle_tokens": len(answer)}
+        for budget in budgets:
+            policy.set_budget(budget)
+            held = replay(record, policy, policy.params[None])[0]
+            row[f"namm@{budget}"] = whole_needle_share(held, start, len(answer))
+            row[f"dc@{budget}"] = whole_needle_share(dc_held(record.features[-1], policy.features.recency_dims, policy.pool,
+                                                             budget), start, len(answer))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    summary = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0] if "@" in key}
+    print("mean share of (layer, head) pairs holding the whole needle:", json.dumps(summary))
+    result = {"checkpoint": args.checkpoint, "model": args.model, "task": args.task, "length": args.length,
+              "seed": args.seed, "rows": rows, "mean": summary}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
