@@ -102,6 +102,7 @@ def kept_shares(model, policy, ids: torch.Tensor, classes: list[str]) -> dict:
     runner = MemoryRunner(model, policy, 1)
     with memory_attention_enabled(model):
         runner.feed([ids])
+        runner.end_prompt()  # a policy on the prompt-end schedule compresses here
     last = int(runner.previous_update[0])
     labels = classes[:last]
     out = {}
@@ -146,7 +147,7 @@ def main() -> None:
         classes = classify(text, enc.offset_mapping[: args.length], code=kind == "code")
         result["texts"][kind] = kept_shares(model, namm.make_policy("namm", **options), ids, classes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out.parent / f"{args.out.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# What the NAMM keeps, by token class ({args.model}, {result['checkpoint']}, "
              f"{'budget ' + str(args.budget) if args.budget else 'threshold mode'})", "",
              f"Share of the tokens of each class still held after the last memory update of a {args.length}-token "
@@ -157,8 +158,8 @@ def main() -> None:
             lines.append(f"| {kind} | {name} | {c['tokens']} | {c['kept_mean']:.3f} | {min(c['kept_per_layer']):.3f} | "
                          f"{max(c['kept_per_layer']):.3f} |")
         lines.append(f"| {kind} | all (cache fraction) | {data['scored_tokens']} | {data['cache_fraction']:.3f} | | |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot(result, args.out.with_suffix(".png"))
+    (args.out.parent / f"{args.out.name}.md").write_text("\n".join(lines) + "\n")
+    plot(result, args.out.parent / f"{args.out.name}.png")
     print("\n".join(lines))
 
 
