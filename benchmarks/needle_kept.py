@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 import namm
+from namm.commands.common import set_threads
 from namm.evolve.fitness import tokenize_samples
 from namm.evolve.proxy import record_prompt, replay
 from namm.policies.namm.selection import pooled_scores
@@ -64,8 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     model, tokenizer = namm.load_model(args.model)
     samples = get_task(args.task).samples(tokenizer, args.length, args.samples, seed=args.seed)
     prompts = tokenize_samples(tokenizer, model, [(0, s) for s in samples])
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     policy = namm.make_policy("namm", checkpoint=args.checkpoint, budget=budgets[0])
     policy.bind(model)
     if policy.schedule != "prompt-end":
-        raise ValueError(f"the checkpoint runs on the {policy.schedule} schedule; this diagnostic replays prompt-end only")
+        raise ValueError(f"the checkpoint runs on the {policy.schedule} schedule; "
+                         "this diagnostic replays prompt-end only")
     rows = []
     for sample, prompt in zip(samples, prompts):
         answer = tokenizer(sample.answers[0], add_special_tokens=False).input_ids
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
             policy.set_budget(budget)
             held = replay(record, policy, policy.params[None])[0]
             row[f"namm@{budget}"] = whole_needle_share(held, start, len(answer))
-            row[f"dc@{budget}"] = whole_needle_share(dc_held(record.features[-1], policy.features.recency_dims, policy.pool,
-                                                             budget), start, len(answer))
+            by_dc = dc_held(record.features[-1], policy.features.recency_dims, policy.pool, budget)
+            row[f"dc@{budget}"] = whole_needle_share(by_dc, start, len(answer))
         print(json.dumps(row), flush=True)
         rows.append(row)
     summary = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0] if "@" in key}

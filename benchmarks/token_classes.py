@@ -147,7 +147,8 @@ def main() -> None:
         classes = classify(text, enc.offset_mapping[: args.length], code=kind == "code")
         result["texts"][kind] = kept_shares(model, namm.make_policy("namm", **options), ids, classes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    (args.out.parent / f"{args.out.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    json_path, md_path, png_path = (args.out.parent / f"{args.out.name}{suffix}" for suffix in (".json", ".md", ".png"))
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# What the NAMM keeps, by token class ({args.model}, {result['checkpoint']}, "
              f"{'budget ' + str(args.budget) if args.budget else 'threshold mode'})", "",
              f"Share of the tokens of each class still held after the last memory update of a {args.length}-token "
@@ -158,8 +159,8 @@ def main() -> None:
             lines.append(f"| {kind} | {name} | {c['tokens']} | {c['kept_mean']:.3f} | {min(c['kept_per_layer']):.3f} | "
                          f"{max(c['kept_per_layer']):.3f} |")
         lines.append(f"| {kind} | all (cache fraction) | {data['scored_tokens']} | {data['cache_fraction']:.3f} | | |")
-    (args.out.parent / f"{args.out.name}.md").write_text("\n".join(lines) + "\n")
-    plot(result, args.out.parent / f"{args.out.name}.png")
+    md_path.write_text("\n".join(lines) + "\n")
+    plot(result, png_path)
     print("\n".join(lines))
 
 

@@ -4,9 +4,9 @@ For every cached token of a layer and KV head the signal is the attention it rec
 last ``n_up`` queries (GQA-averaged, in time order). Prepended with the last ``carry`` values of
 the token's previous signal (zeros for new tokens) and, optionally, followed by ``end_pad`` zeros,
 it goes through an STFT (periodic Hann window 32, hop 16, no centring, magnitude: 32 frames x 17
-bins), the frames are folded into an
-exponential moving average that carries over between updates, and the normalised EMA is joined
-to a sinusoidal embedding of the token's recency. See docs/algorithm.md §3-4.
+bins), the frames are folded into an exponential moving average that carries over between
+updates, and the normalised EMA is joined to a sinusoidal embedding of the token's recency. See
+docs/algorithm.md §3-4.
 
 Everything runs in float32 over (batch, heads, tokens) at once; the STFT is one batched matmul
 of a fixed (window -> real/imag bins) basis with strided frames of the attention tensor, in the
