@@ -23,6 +23,15 @@ NAMM ranks like SnapKV's observation-window vote without its max-pool (a per-tok
 neighbours). ``--pool 7`` records a selection that max-pools every score over 7 neighbouring slots
 (docs/algorithm.md §6): with it the rule is SnapKV's vote, max-pool included.
 
+The attention unit is tanh(slope * (DC - center)) in normalised DC units. The ranking is the same for
+any positive slope until tanh saturates, but evolution is not: the feature statistics include the
+attention sinks, so ordinary context tokens span only about 0.01 normalised units, while a CMA-ES
+step of 0.02 on each of the scorer's inputs moves a unit's input by about 0.05. At the default slope
+(0.25, centre 0) the search noise outweighs the attention signal. ``--attention-slope 150
+--attention-center -0.104`` (the median context token of Qwen2.5-Coder on validation prompts)
+puts the ordinary-to-attended range on the steep part of tanh, so a step of the search's size
+perturbs the ranking instead of replacing it; only the top ~2% of tokens saturate.
+
 The recency sine sin(r w) with the slowest frequency w rises with the distance r up to
 r = pi / (2 w) (5,253 tokens at the default base), so the recency ranking holds for caches up to
 that size.
@@ -42,7 +51,7 @@ from namm.policies.namm.features import FeatureConfig, recency_frequencies
 from namm.policies.namm.scorers import MLPScorer, split_params
 
 SINK_SHARPNESS = 2.0  # slope of the sink unit per normalised DC unit
-ATTENTION_SLOPE = 0.25  # slope of the attention unit per normalised DC unit (tanh stays unsaturated to ~8 sd)
+ATTENTION_SLOPE = 0.25  # default slope of the attention unit per normalised DC unit (unsaturated to ~8 sd)
 # Weight of the recency unit in the attention rule. It must only break ties: over a 2k cache the
 # recency unit spans about 0.5, and at 0.05 that outweighed the small attention differences between
 # a needle's digits and filler (validation prompts, docs/results/evolution-v2/README.md, stage 12).
@@ -78,14 +87,17 @@ def streaming_params(scorer: MLPScorer, features: FeatureConfig, norm_mean: torc
     return flat[0]
 
 
-def attention_params(scorer: MLPScorer, features: FeatureConfig) -> torch.Tensor:
-    """(num_params,) parameters of the attention-ranked scorer (see the module docstring)."""
+def attention_params(scorer: MLPScorer, features: FeatureConfig, slope: float = ATTENTION_SLOPE,
+                     center: float = 0.0) -> torch.Tensor:
+    """(num_params,) parameters of the attention-ranked scorer (see the module docstring): the
+    attention unit is tanh(slope * (DC - center)) in normalised DC units."""
     check_one_hidden_layer(scorer, "attention-ranked")
     half = features.recency_dims // 2
     dc = features.recency_dims
     flat = torch.zeros(1, scorer.num_params)
-    w1, _, w2, _ = split_params(flat, scorer.shapes)  # views into ``flat``
-    w1[0, dc, 0] = ATTENTION_SLOPE  # attention received: more is better
+    w1, b1, w2, _ = split_params(flat, scorer.shapes)  # views into ``flat``
+    w1[0, dc, 0] = slope  # attention received: more is better
+    b1[0, 0] = -slope * center
     w1[0, half - 1, 1] = -1.0  # sin(r w_slowest): grows with the distance to the newest token
     w2[0, 0, 0] = 1.0
     w2[0, 1, 0] = TIE_BREAK
@@ -101,6 +113,10 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--hidden", type=int, default=8, help="hidden units of the MLP scorer (>= 2; default 8)")
     p.add_argument("--sink-share", type=float, default=0.03,
                    help="streaming rule: attention share above which a token counts as a sink (default 0.03)")
+    p.add_argument("--attention-slope", type=float, default=ATTENTION_SLOPE,
+                   help=f"attention rule: slope of the attention unit per normalised DC unit (default {ATTENTION_SLOPE})")
+    p.add_argument("--attention-center", type=float, default=0.0,
+                   help="attention rule: normalised DC level where the attention unit is steepest (default 0)")
     p.add_argument("--pool", type=int, default=1,
                    help="odd number of neighbouring slots each score is max-pooled over at selection (default 1: none)")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
@@ -109,6 +125,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
     if not 0 < args.sink_share < 1:
         raise SystemExit(f"--sink-share must be in (0, 1), got {args.sink_share}")
+    if not args.attention_slope > 0:
+        raise SystemExit(f"--attention-slope must be positive, got {args.attention_slope}")
     try:
         check_pool(args.pool, "--pool")
     except ValueError as err:
@@ -126,8 +144,9 @@ def main(argv: list[str] | None = None) -> Path:
         provenance.update(rule="streaming-like", sink_share=args.sink_share)
         summary = f"sinks above {args.sink_share:.1%} of the attention, then the newest tokens"
     else:
-        params = attention_params(scorer, features)
-        provenance.update(rule="attention-ranked")
+        params = attention_params(scorer, features, args.attention_slope, args.attention_center)
+        provenance.update(rule="attention-ranked", attention_slope=args.attention_slope,
+                          attention_center=args.attention_center)
         summary = f"the most attended tokens first (update window {features.n_up} queries, pool {args.pool})"
     path = save_namm_checkpoint(args.out, params, source.mean, source.std, config, provenance)
     print(f"wrote {path}: {summary} (recency valid up to {int(limit)} cached tokens)")

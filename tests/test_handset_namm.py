@@ -107,3 +107,33 @@ def test_attention_namm_ranks_a_slightly_more_attended_old_token_above_newer_one
     scores = scorer.score(x, valid, module.attention_params(scorer, config)[None])[0, 0]
     context = torch.arange(1, keys - config.n_up)
     assert (scores[40] > scores[context[context != 40]]).all()
+
+
+def test_a_steep_centred_attention_unit_survives_search_sized_perturbations():
+    """The same ranking as the default slope, but a random step of the search's size (sd 0.02 on
+    every parameter) keeps a slightly more attended old token above the even spread far more often:
+    at the default slope the step's noise outweighs the attention signal."""
+    module = load_benchmark("handset_namm")
+    config = FeatureConfig(n_up=32, end_pad=16)
+    keys = 2048
+    _, _, norm = features_of(causal_attention_with_sink(keys, config.n_up, 0.3), config)
+    attention = causal_attention_with_sink(keys, config.n_up, 0.3)
+    attention[..., 40] *= 1.5
+    attention /= attention.sum(-1, keepdim=True)
+    x, valid, _ = features_of(attention, config, norm)
+    context = torch.arange(1, keys - config.n_up)
+    context = context[context != 40]
+    filler = float(x[0, 0, context, config.recency_dims].median())
+    scorer = MLPScorer(in_dim=config.dim, hidden=(8,))
+    default = module.attention_params(scorer, config)
+    steep = module.attention_params(scorer, config, slope=150.0, center=filler)
+    steep_scores = scorer.score(x, valid, steep[None])[0, 0]
+    assert (steep_scores[40] > steep_scores[context]).all(), "unperturbed, both keep the old token first"
+    generator = torch.Generator().manual_seed(0)
+    steps = 0.02 * torch.randn(64, scorer.num_params, generator=generator)
+
+    def survival(params: torch.Tensor) -> float:
+        scores = scorer.score(x.expand(64, *x.shape[1:]), valid.expand(64, *valid.shape[1:]), params + steps)
+        return float((scores[:, 0, 40:41] > scores[:, 0, context]).float().mean())
+
+    assert survival(steep) > 0.95 and survival(default) < 0.7  # measured: 1.0 and 0.56
