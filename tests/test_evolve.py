@@ -194,8 +194,17 @@ def test_init_checkpoint_centres_a_fresh_cmaes_on_its_parameters(tiny, tmp_path)
     assert run.cmaes.generation == 0 and run.cmaes.sigma == 0.065
     assert torch.allclose(run.cmaes.mean, params)
     assert torch.equal(run.policy.normalization.std, std), "the checkpoint's statistics, not a new calibration"
+    start_row, = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").open()]
+    assert start_row["generation"] == 0 and "fitness_best" not in start_row, "the start is scored, not a population"
+    best = load_namm_checkpoint(tmp_path / "r" / "best")
+    assert torch.allclose(best.params, params) and best.provenance["generation"] == 0
+    assert best.provenance["mean_fitness"] == start_row["eval_fitness"]
     run.run()
     assert run.cmaes.generation == 1
+    rows = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").open()]
+    assert [r["generation"] for r in rows] == [0, 1] and (tmp_path / "r" / "curve.png").stat().st_size > 0
+    kept = load_namm_checkpoint(tmp_path / "r" / "best").provenance
+    assert kept["mean_fitness"] == max(r["eval_fitness"] for r in rows), "best/ is the better of start and mean"
     with pytest.raises(ValueError, match="scorer"):
         Trainer(tiny_config(scorer="bam", init_checkpoint=str(tmp_path / "start")), tmp_path / "b", model, tokenizer,
                 progress=False).start()

@@ -49,11 +49,12 @@ class TrainingLog:
         import matplotlib.pyplot as plt
 
         rows = self.rows()
-        gens = [r["generation"] for r in rows]
+        members = [r for r in rows if "fitness_best" in r]  # a run's start row (generation 0) has none
+        gens = [r["generation"] for r in members]
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[2, 1])
         for key, label in [("fitness_best", "best member"), ("fitness_median", "median member"),
                            ("fitness_mean", "population mean")]:
-            top.plot(gens, [r[key] for r in rows], label=label)
+            top.plot(gens, [r[key] for r in members], label=label)
         evals = [r for r in rows if r.get("eval_fitness") is not None]
         if evals:
             top.plot([r["generation"] for r in evals], [r["eval_fitness"] for r in evals], "ko-",
@@ -64,7 +65,7 @@ class TrainingLog:
         top.set_ylabel(f"fitness: {measure}\n(minus memory penalty, if any)")
         top.legend(fontsize=8)
         top.set_title(title or "NAMM evolution")
-        bottom.plot(gens, [r["cache_fraction_mean"] for r in rows], label="population mean")
+        bottom.plot(gens, [r["cache_fraction_mean"] for r in members], label="population mean")
         if evals:
             bottom.plot([r["generation"] for r in evals], [r["eval_cache_fraction"] for r in evals], "ko-",
                         label="CMA-ES mean")

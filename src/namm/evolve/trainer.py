@@ -7,7 +7,8 @@ A run directory holds everything needed to continue:
   calibrated once at the start (docs/algorithm.md §4) or inherited from the previous stage;
 * ``state/`` — CMA-ES state (safetensors + JSON, see :mod:`namm.evolve.cmaes`) and the trainer
   counters, replaced atomically after every generation;
-* ``best/`` — the NAMM checkpoint of the best CMA-ES *mean* evaluated so far;
+* ``best/`` — the NAMM checkpoint of the best CMA-ES *mean* evaluated so far (an
+  ``--init-checkpoint`` start is scored first, as generation 0);
 * ``means/gen-NNNN/`` — the NAMM checkpoint of every evaluated mean, the candidates to choose from
   by a validation under real eviction (``benchmarks/real_loglik.py``);
 * ``log.jsonl``, ``log.csv``, ``curve.png`` — one row per generation and the training curve.
@@ -209,6 +210,23 @@ class Trainer:
             self._save_state()
         self._barrier()
         self._build_scorer()
+        if self.config.init_checkpoint:
+            self.evaluate_start()
+
+    def evaluate_start(self) -> None:
+        """Score the ``--init-checkpoint`` start on the whole prompt pool before the first generation:
+        it is logged as generation 0 and becomes ``best/``, so ``best/`` is never worse than the start
+        on the training prompts."""
+        start = time.perf_counter()
+        row = {"generation": self.cmaes.generation, "stage_generation": 0, **self.evaluate_mean()}
+        self.state.wall_s += time.perf_counter() - start
+        row["wall_s"] = row["total_wall_s"] = self.state.wall_s
+        self.state.full_cache = dict(self.scorer.full_cache)
+        if self.workers.is_main:
+            self.log.append(row)
+            self.log.plot(fitness=self.config.fitness)
+            self._save_state()
+        self._barrier()
 
     def _new_cmaes(self, num_params: int, mean: torch.Tensor | None = None) -> CMAES:
         """A fresh CMA-ES (step size ``sigma0``, identity covariance) centred on ``mean`` (zeros by default)."""
