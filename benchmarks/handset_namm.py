@@ -27,10 +27,11 @@ The attention unit is tanh(slope * (DC - center)) in normalised DC units. The ra
 any positive slope until tanh saturates, but evolution is not: the feature statistics include the
 attention sinks, so ordinary context tokens span only about 0.01 normalised units, while a CMA-ES
 step of 0.02 on each of the scorer's inputs moves a unit's input by about 0.05. At the default slope
-(0.25, centre 0) the search noise outweighs the attention signal. ``--attention-slope 150
---attention-center -0.104`` (the median context token of Qwen2.5-Coder on validation prompts)
-puts the ordinary-to-attended range on the steep part of tanh, so a step of the search's size
-perturbs the ranking instead of replacing it; only the top ~2% of tokens saturate.
+(0.25, centre 0) the search noise outweighs the attention signal; at slope 150 it is the other way
+round: every member of a generation scored the same fitness, so the search had nothing to rank.
+``--attention-slope 10 --attention-center -0.104`` (-0.104: the median context token of
+Qwen2.5-Coder on validation prompts) sits between: a step keeps about 80% of the start's selection
+(docs/results/evolution-v2/README.md, stage 13). No ordinary token saturates at that slope.
 
 The recency sine sin(r w) with the slowest frequency w rises with the distance r up to
 r = pi / (2 w) (5,253 tokens at the default base), so the recency ranking holds for caches up to

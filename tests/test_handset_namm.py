@@ -126,7 +126,7 @@ def test_a_steep_centred_attention_unit_survives_search_sized_perturbations():
     filler = float(x[0, 0, context, config.recency_dims].median())
     scorer = MLPScorer(in_dim=config.dim, hidden=(8,))
     default = module.attention_params(scorer, config)
-    steep = module.attention_params(scorer, config, slope=150.0, center=filler)
+    steep = module.attention_params(scorer, config, slope=10.0, center=filler)
     steep_scores = scorer.score(x, valid, steep[None])[0, 0]
     assert (steep_scores[40] > steep_scores[context]).all(), "unperturbed, both keep the old token first"
     generator = torch.Generator().manual_seed(0)
