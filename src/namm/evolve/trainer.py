@@ -221,6 +221,10 @@ class Trainer:
         row = {"generation": self.cmaes.generation, "stage_generation": 0, **self.evaluate_mean()}
         self.state.wall_s += time.perf_counter() - start
         row["wall_s"] = row["total_wall_s"] = self.state.wall_s
+        self._record(row)
+
+    def _record(self, row: dict) -> None:
+        """Log ``row`` and save the state (the main process), then wait for the others."""
         self.state.full_cache = dict(self.scorer.full_cache)
         if self.workers.is_main:
             self.log.append(row)
@@ -339,12 +343,7 @@ class Trainer:
         self.state.wall_s += time.perf_counter() - start
         row["wall_s"] = time.perf_counter() - start
         row["total_wall_s"] = self.state.wall_s
-        self.state.full_cache = dict(self.scorer.full_cache)
-        if self.workers.is_main:
-            self.log.append(row)
-            self.log.plot(fitness=self.config.fitness)
-            self._save_state()
-        self._barrier()
+        self._record(row)
         return row
 
     def evaluate_mean(self) -> dict:
