@@ -91,22 +91,29 @@ def test_attention_namm_keeps_the_most_attended_then_the_newest():
         module.attention_params(MLPScorer(in_dim=config.dim, hidden=(1,)), config)
 
 
-def test_attention_namm_ranks_a_slightly_more_attended_old_token_above_newer_ones():
-    """The recency unit only breaks ties: an old token that the question attends a little more than
-    the even spread outranks every newer, evenly attended token of a 2k cache (with a recency weight
-    of 0.05 it did not, and the needle of a NIAH prompt was dropped for recent filler)."""
-    module = load_benchmark("handset_namm")
-    config = FeatureConfig(n_up=32, end_pad=16)
+def old_token_attended_a_little_more(config: FeatureConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features (x, valid) of a 2k cache where the question attends token 40 1.5 times the even
+    spread, and the (K - 2 - n_up,) evenly attended context tokens (neither the sink nor token 40)."""
     keys = 2048
     _, _, norm = features_of(causal_attention_with_sink(keys, config.n_up, 0.3), config)
     attention = causal_attention_with_sink(keys, config.n_up, 0.3)
     attention[..., 40] *= 1.5
     attention /= attention.sum(-1, keepdim=True)
     x, valid, _ = features_of(attention, config, norm)
+    context = torch.arange(1, keys - config.n_up)
+    return x, valid, context[context != 40]
+
+
+def test_attention_namm_ranks_a_slightly_more_attended_old_token_above_newer_ones():
+    """The recency unit only breaks ties: an old token that the question attends a little more than
+    the even spread outranks every newer, evenly attended token of a 2k cache (with a recency weight
+    of 0.05 it did not, and the needle of a NIAH prompt was dropped for recent filler)."""
+    module = load_benchmark("handset_namm")
+    config = FeatureConfig(n_up=32, end_pad=16)
+    x, valid, context = old_token_attended_a_little_more(config)
     scorer = MLPScorer(in_dim=config.dim, hidden=(8,))
     scores = scorer.score(x, valid, module.attention_params(scorer, config)[None])[0, 0]
-    context = torch.arange(1, keys - config.n_up)
-    assert (scores[40] > scores[context[context != 40]]).all()
+    assert (scores[40] > scores[context]).all()
 
 
 def test_a_steep_centred_attention_unit_survives_search_sized_perturbations():
@@ -115,14 +122,7 @@ def test_a_steep_centred_attention_unit_survives_search_sized_perturbations():
     at the default slope the step's noise outweighs the attention signal."""
     module = load_benchmark("handset_namm")
     config = FeatureConfig(n_up=32, end_pad=16)
-    keys = 2048
-    _, _, norm = features_of(causal_attention_with_sink(keys, config.n_up, 0.3), config)
-    attention = causal_attention_with_sink(keys, config.n_up, 0.3)
-    attention[..., 40] *= 1.5
-    attention /= attention.sum(-1, keepdim=True)
-    x, valid, _ = features_of(attention, config, norm)
-    context = torch.arange(1, keys - config.n_up)
-    context = context[context != 40]
+    x, valid, context = old_token_attended_a_little_more(config)
     filler = float(x[0, 0, context, config.recency_dims].median())
     scorer = MLPScorer(in_dim=config.dim, hidden=(8,))
     default = module.attention_params(scorer, config)
