@@ -19,7 +19,8 @@ before the question is read. Every row also reports ``exact``, how many prompts 
 would answer exactly (every answer token the argmax), and ``accuracy``, the share of answer tokens
 that are.
 The NAMM runs in budget mode at each budget on its checkpoint's schedule (or ``--namm-schedule``),
-every baseline at the same budget on its own default schedule or on each of
+and in threshold mode (its checkpoint's threshold and floor, no baselines) for the budget
+``threshold``; every baseline at the same budget on its own default schedule or on each of
 ``--baseline-schedules`` (rows ``NAME:SCHEDULE``). With several ``--checkpoint``s each NAMM row is
 named ``namm@<folder>``. Prints a table and (``--out``) writes the per-prompt values as JSON.
 """
@@ -74,6 +75,14 @@ def paired(rows: list[dict], task_of: torch.Tensor, statistic: str) -> list[dict
                         "exact_difference": float(exact.mean()),
                         "exact_difference_ci": bootstrap_interval(by_task(exact, task_of))})
     return out
+
+
+THRESHOLD = "threshold"  # the --budgets entry that runs the NAMM in threshold mode
+
+
+def budget_label(budget: float | str) -> str:
+    """A budget as printed: two decimals, or ``threshold``."""
+    return budget if isinstance(budget, str) else f"{budget:.2f}"
 
 
 def baselines(names: str, schedules: str | None, budget: float) -> dict:
@@ -135,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--samples", type=int, default=4, help="prompts per task")
     p.add_argument("--seed", type=int, default=50)
-    p.add_argument("--budgets", default="0.25,0.5")
+    p.add_argument("--budgets", default="0.25,0.5",
+                   help="comma-separated budgets; 'threshold' runs the NAMM in threshold mode (default 0.25,0.5)")
     p.add_argument("--baselines", default=BASELINES, help="comma-separated baselines ('' for none)")
     p.add_argument("--fitness", choices=ANSWER_STATISTICS, default="loglik",
                    help="the answer statistic: loglik (mean log-probability) or margin (weakest token's margin)")
@@ -165,12 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     task_of = torch.tensor([p.task for p in prompts])
 
     checkpoints = {("namm" if len(args.checkpoint) == 1 else f"namm@{Path(c).name}"): c for c in args.checkpoint}
-    budgets = [float(b) for b in args.budgets.split(",")]
+    budgets = [b if b == THRESHOLD else float(b) for b in args.budgets.split(",")]
     schedules = "prompt-end" if args.evaluator == "recorded" else args.baseline_schedules
-    contenders = {budget: {**{label: namm.make_policy("namm", checkpoint=c, budget=budget,
-                                                      schedule=args.namm_schedule)
+    contenders = {budget: {**{label: namm.make_policy("namm", checkpoint=c, schedule=args.namm_schedule,
+                                                      budget=None if budget == THRESHOLD else budget)
                               for label, c in checkpoints.items()},
-                           **baselines(args.baselines, schedules, budget)} for budget in budgets}
+                           **({} if budget == THRESHOLD else baselines(args.baselines, schedules, budget))}
+                  for budget in budgets}
     start = time.perf_counter()
     if args.evaluator == "recorded":
         recorded = recorded_scores(model, prompts, contenders)
@@ -208,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                    "per_task": dict(zip(tasks, per_task)), "values": values.tolist(),
                    "exact_values": (stats["margin"] > 0).int().tolist(), **summary(stats)}
             result["rows"].append(row)
-            print(f"{budget:>6.2f} {name:>{width}} {fitness:>8.3f} {cache:>6.3f} {row['exact']:>6d} "
+            print(f"{budget_label(budget):>6} {name:>{width}} {fitness:>8.3f} {cache:>6.3f} {row['exact']:>6d} "
                   f"{row['accuracy']:>6.3f}  " + " ".join(f"{v:.2f}" for v in per_task), flush=True)
             result["paired"] = paired(result["rows"], task_of, args.fitness)
             result["seconds"] = time.perf_counter() - start
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.out.write_text(json.dumps(result, indent=1) + "\n")
     print("NAMM minus baseline, per prompt (bootstrap 95% intervals):")
     for d in result["paired"]:
-        print(f"{d['budget']:>6.2f} {d['namm']} - {d['baseline']}: {args.fitness} "
+        print(f"{budget_label(d['budget']):>6} {d['namm']} - {d['baseline']}: {args.fitness} "
               f"{d[f'{args.fitness}_difference']:+.3f} [{d[f'{args.fitness}_difference_ci'][0]:+.3f}, "
               f"{d[f'{args.fitness}_difference_ci'][1]:+.3f}]  exact {d['exact_difference']:+.3f} "
               f"[{d['exact_difference_ci'][0]:+.3f}, {d['exact_difference_ci'][1]:+.3f}]")

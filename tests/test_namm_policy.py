@@ -12,6 +12,7 @@ import namm
 from namm.memory.driver import MemoryRunner, memory_attention_enabled
 from namm.policies.namm import BAMScorer, MLPScorer, NAMMPolicy, Normalization, make_scorer
 from namm.policies.namm.calibration import calibrate_normalization
+from namm.policies.namm.checkpoint import save_namm_checkpoint
 from namm.policies.namm.selection import pooled_scores, select_tokens
 from tiny_models import KINDS, random_prompt, tiny_model
 
@@ -97,6 +98,10 @@ def test_selection_threshold_uniform_count_newest_and_cap():
     assert capped.sum(-1).tolist() == [[2, 2]] and capped[0, :, 4].all()
     assert select_tokens(torch.full_like(scores, float("nan")), valid)[0, :, :5].sum(-1).tolist() == [1, 1]
     assert select_tokens(scores, valid, threshold=-0.35).sum(-1).tolist() == [[4, 4]]
+    floored = select_tokens(scores, valid, floor=torch.tensor([4]))
+    assert floored[0, 1].tolist() == [True, True, False, True, True, False], "a floor keeps a head's top 4"
+    assert select_tokens(scores, valid, cap=torch.tensor([2]), floor=torch.tensor([4])).sum(-1).tolist() == [[2, 2]]
+    assert select_tokens(scores, valid, floor=torch.tensor([1])).equal(keep), "a floor below the count changes nothing"
 
 
 def test_neighbour_pool_keeps_a_peak_with_its_neighbours():
@@ -182,6 +187,20 @@ def test_cap_limits_every_layer(model, stats):
         assert max(record.tokens_per_layer) <= math.ceil(0.2 * record.tokens_seen)
 
 
+def test_floor_keeps_a_share_of_every_layer_in_threshold_mode_only(model, stats, tmp_path):
+    policy = random_namm(stats, 3, threshold=1e9)  # a cut no token reaches: only the newest survives
+    starved = namm.generate(model, None, random_prompt(100), policy=policy, max_new_tokens=30, record_history=True)
+    assert any(min(r.tokens_per_layer) < math.floor(0.3 * r.tokens_seen) for r in starved.history)
+    policy.floor = 0.3
+    out = namm.generate(model, None, random_prompt(100), policy=policy, max_new_tokens=30, record_history=True)
+    for record in out.history:
+        assert min(record.tokens_per_layer) >= math.floor(0.3 * record.tokens_seen)
+    path = save_namm_checkpoint(tmp_path / "f", policy.params, *stats, policy.config())
+    assert namm.make_policy("namm", checkpoint=str(path)).floor == 0.3, "the checkpoint records its floor"
+    policy.set_budget(0.1)
+    assert policy.floor_count(torch.tensor([100])) is None, "budget mode ignores the floor"
+
+
 def test_population_batch_equals_single_runs(model, stats):
     members = torch.stack([random_namm(stats, s).params for s in (4, 5, 6)])
     prompts = [random_prompt(130, seed=7)] * 2 + [random_prompt(100, seed=8)]
@@ -210,5 +229,7 @@ def test_bad_policy_options():
         namm.make_policy("namm", max_fraction=1.5)
     with pytest.raises(ValueError, match="pool must be an odd integer"):
         namm.make_policy("namm", checkpoint="zeros", pool=4)
+    with pytest.raises(ValueError, match=r"floor must be a fraction in \(0, 1\]"):
+        namm.make_policy("namm", checkpoint="zeros", floor=1.5)
     with pytest.raises(ValueError, match="unknown NAMM scorer"):
         namm.make_policy("namm", scorer="lstm")

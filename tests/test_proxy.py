@@ -323,6 +323,13 @@ def test_cli_budget_evolution_then_finalize(tmp_path, capsys):
     picked = load_namm_checkpoint(tmp_path / "m.json")
     assert torch.equal(picked.params, load_namm_checkpoint(mean).params)
     assert picked.provenance["finalized_from"] == str(mean)
+    code = main(["finalize", "--run", str(run), "--checkpoint", str(mean), "--target", "0.5", "--floor", "0.45",
+                 "--prompts", "2", "--out", str(tmp_path / "f.json")])
+    assert code == 0, capsys.readouterr().err
+    floored = load_namm_checkpoint(tmp_path / "f.json").config["selection"]
+    assert floored["floor"] == 0.45 and floored["threshold_fraction_train"] >= 0.45
+    code = main(["finalize", "--run", str(run), "--target", "0.3", "--floor", "0.4", "--out", str(tmp_path / "x.json")])
+    assert code != 0 and "exceeds --target" in capsys.readouterr().err
     code = main(["evolve", "--model", str(model_dir), "--tasks", "passkey", "--length", "300,x", "--generations", "1",
                  "--out", str(tmp_path / "bad")])
     assert code == 2 and "--length takes comma-separated integers" in capsys.readouterr().err

@@ -68,21 +68,23 @@ def test_baselines_run_on_each_schedule_asked_for():
 
 @pytest.mark.parametrize("protocol", [["--question-after-compression"], []], ids=["query-agnostic", "query-aware"])
 def test_recorded_evaluator_gives_real_evictions_values(tmp_path, protocol):
-    """Prompt-end NAMM and query-free baselines: compressing one full-cache recording per prompt is
-    real eviction exactly, with the question after the compression or before it."""
+    """Prompt-end NAMM (budget and threshold mode, with a floor) and query-free baselines:
+    compressing one full-cache recording per prompt is real eviction exactly, with the question
+    after the compression or before it."""
     module = load_benchmark("real_loglik")
     model = save_tiny_model(tmp_path / "model")
     zeros = zeros_checkpoint("mlp")
     random = torch.randn(zeros.params.shape, generator=torch.Generator().manual_seed(1))
-    config = {**zeros.config, "selection": {"threshold": 0.0, "schedule": "prompt-end"}}
+    config = {**zeros.config, "selection": {"threshold": 0.0, "schedule": "prompt-end", "floor": 0.2}}
     save_namm_checkpoint(tmp_path / "pe", random, zeros.mean, zeros.std, config)
     common = ["--checkpoint", str(tmp_path / "pe"), "--model", str(model), "--tasks", "passkey,kv_retrieval",
-              "--length", "1100", "--samples", "1", "--budgets", "0.3", *protocol]
+              "--length", "1100", "--samples", "1", "--budgets", "0.3,threshold", *protocol]
     baselines = ["--baselines", "streaming,recency"]
     module.main(common + baselines + ["--baseline-schedules", "prompt-end", "--out", str(tmp_path / "real.json")])
     module.main(common + baselines + ["--evaluator", "recorded", "--out", str(tmp_path / "recorded.json")])
     real, recorded = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("real", "recorded"))
-    assert [r["policy"] for r in recorded["rows"]] == ["namm", "streaming:prompt-end", "recency:prompt-end"]
+    assert [r["policy"] for r in recorded["rows"]] == ["namm", "streaming:prompt-end", "recency:prompt-end", "namm"]
+    assert recorded["rows"][-1]["budget"] == "threshold" and recorded["rows"][-1]["cache_fraction"] >= 0.2
     torch.testing.assert_close(torch.tensor(recorded["full_values"]), torch.tensor(real["full_values"]),
                                rtol=0, atol=1e-4)
     for a, b in zip(real["rows"], recorded["rows"]):

@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
                         "(default: RUN/best, the best mean on the training prompts)")
     p.add_argument("--target", type=float, default=0.35,
                    help="mean KV fraction threshold mode should hold on the training prompts (default 0.35)")
+    p.add_argument("--floor", type=float, default=None,
+                   help="also make every layer keep at least this fraction of its tokens in threshold mode "
+                        "(default: the checkpoint's floor, if any)")
     p.add_argument("--prompts", type=int, default=16, help="training prompts used for the calibration (default 16)")
     add_device_args(p)
     p.add_argument("--out", required=True, help="checkpoint path: FILE.json / FILE.safetensors, or a folder")
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from namm.evolve.proxy import ProxyScorer
     from namm.evolve.threshold import calibrate_threshold
     from namm.evolve.trainer import Trainer, build_policy, load_run_config
-    from namm.policies.namm.checkpoint import load_namm_checkpoint, save_namm_checkpoint
+    from namm.policies.namm.checkpoint import check_floor, load_namm_checkpoint, save_namm_checkpoint
 
     set_threads(args)
     run_dir = Path(args.run_dir)
@@ -42,15 +45,23 @@ def run(args: argparse.Namespace) -> int:
     best = load_namm_checkpoint(args.checkpoint or str(run_dir / "best"))
     if args.prompts < 1:
         raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
+    floor = best.config.get("selection", {}).get("floor") if args.floor is None else args.floor
+    if floor is not None:
+        check_floor(floor, "--floor")
+        if floor > args.target:
+            raise ValueError(f"--floor {floor} exceeds --target {args.target}: the floor alone keeps more")
     writable_dir(str(Path(args.out).parent if Path(args.out).suffix else Path(args.out)))
     model, tokenizer = load_model_from_args(args, config.model)
     pool = Trainer(config, run_dir, model, tokenizer, progress=False).pool
     prompts = pool[:: max(1, len(pool) // args.prompts)][: args.prompts]
     policy = build_policy(run_dir / "normalization", config)
+    policy.floor = floor
     records = ProxyScorer(model, policy).record(prompts)
     threshold, fraction = calibrate_threshold(records, policy, best.params, args.target)
     selection = {**best.config.get("selection", {}), "threshold": threshold, "threshold_target": args.target,
                  "threshold_fraction_train": fraction, "threshold_prompts": len(prompts)}
+    if floor is not None:
+        selection["floor"] = floor
     provenance = {**best.provenance, "finalized_from": str(args.checkpoint or run_dir / "best")}
     path = save_namm_checkpoint(args.out, best.params, best.mean, best.std, {**best.config, "selection": selection},
                                 provenance)

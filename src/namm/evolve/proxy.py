@@ -174,7 +174,8 @@ def replay(prompt: ProxyPrompt, namm: NAMMPolicy, params: Tensor) -> Tensor:
             scores = pooled_scores(scores, valid, namm.pool)
             scores, cap = out_of_window(scores, valid, order[rows].reshape(n * L, H, W), seen.repeat(n),
                                         prompt.windows.to(seen.device).repeat(n), namm.cap(seen.repeat(n)))
-            keep[rows] = select_tokens(scores, valid, namm.threshold, cap).view(n, L, H, W)
+            keep[rows] = select_tokens(scores, valid, namm.threshold, cap,
+                                       namm.floor_count(seen.repeat(n))).view(n, L, H, W)
         held = torch.zeros_like(alive).scatter_(-1, order, keep & real)
     return held
 

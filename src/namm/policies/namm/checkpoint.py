@@ -53,11 +53,20 @@ class NAMMCheckpoint:
 
 
 def namm_config(features: FeatureConfig | None = None, scorer: str | dict = "bam", threshold: float = 0.0,
-                pool: int = 1) -> dict:
-    """The config dict of a checkpoint (features, scorer, selection)."""
+                pool: int = 1, floor: float | None = None) -> dict:
+    """The config dict of a checkpoint (features, scorer, selection; ``floor`` only when set)."""
     features = features or FeatureConfig()
+    selection = {"threshold": float(threshold), "pool": int(pool)}
+    if floor:
+        selection["floor"] = float(floor)
     return {"features": features.to_dict(), "scorer": make_scorer(scorer, features.dim).config(),
-            "selection": {"threshold": float(threshold), "pool": int(pool)}}
+            "selection": selection}
+
+
+def check_floor(floor: object, where: str) -> None:
+    """Raise ValueError unless ``floor`` (threshold mode's per-layer floor) is a fraction in (0, 1]."""
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor <= 1:
+        raise ValueError(f"{where} must be a fraction in (0, 1], got {floor!r}")
 
 
 def check_pool(pool: object, where: str) -> None:
@@ -105,6 +114,8 @@ def validate(ckpt: NAMMCheckpoint, where: str) -> None:
     if not isinstance(threshold, (int, float)):
         raise ValueError(f"NAMM checkpoint {where}: selection threshold must be a number")
     check_pool(config.get("selection", {}).get("pool", 1), f"NAMM checkpoint {where}: selection pool")
+    if config.get("selection", {}).get("floor") is not None:
+        check_floor(config["selection"]["floor"], f"NAMM checkpoint {where}: selection floor")
     schedule = config.get("selection", {}).get("schedule", "progressive")
     if schedule not in SCHEDULES:
         raise ValueError(f"NAMM checkpoint {where}: unknown schedule {schedule!r} (one of {', '.join(SCHEDULES)})")

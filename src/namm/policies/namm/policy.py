@@ -18,8 +18,8 @@ from torch import Tensor
 
 from namm.policies.base import LayerView, MemoryPolicy
 from namm.policies.budget import Budget
-from namm.policies.namm.checkpoint import (NAMMCheckpoint, check_pool, load_namm_checkpoint, namm_config,
-                                          shipped_namm_for, zeros_checkpoint)
+from namm.policies.namm.checkpoint import (NAMMCheckpoint, check_floor, check_pool, load_namm_checkpoint,
+                                          namm_config, shipped_namm_for, zeros_checkpoint)
 from namm.policies.namm.features import Normalization, layer_features, token_features
 from namm.policies.namm.scorers import make_scorer
 from namm.policies.namm.selection import out_of_window, pooled_scores, select_tokens
@@ -35,7 +35,9 @@ class NAMMPolicy(MemoryPolicy):
     or ``max_fraction`` (in (0, 1]) cap each layer's cache. ``budget`` (a fraction of tokens seen
     or a token count) switches to budget mode: no threshold, each layer keeps exactly its
     top-scored tokens up to the budget. ``pool`` (odd, default the checkpoint's, else 1) max-pools
-    each token's score over that many neighbouring slots before selection."""
+    each token's score over that many neighbouring slots before selection. ``floor`` (a fraction,
+    default the checkpoint's, else none) makes every layer keep, in threshold mode, at least that
+    share of the tokens it has seen, its top-scored ones."""
 
     checkpoint: str | NAMMCheckpoint | None = None
     threshold: float | None = None
@@ -45,6 +47,7 @@ class NAMMPolicy(MemoryPolicy):
     scorer: str | dict | None = None
     budget: float | int | str | None = None
     pool: int | None = None
+    floor: float | None = None
     name = "namm"
 
     def __post_init__(self) -> None:
@@ -58,6 +61,8 @@ class NAMMPolicy(MemoryPolicy):
             raise ValueError(f"max_fraction must be in (0, 1], got {self.max_fraction!r}")
         if self.pool is not None:
             check_pool(self.pool, "pool")
+        if self.floor is not None:
+            check_floor(self.floor, "floor")
         if self.budget is not None and not isinstance(self.budget, Budget):
             Budget(self.budget)  # validates now, before any model is loaded
         if self.scorer is not None:
@@ -105,6 +110,8 @@ class NAMMPolicy(MemoryPolicy):
         self.threshold = self.checkpoint_threshold
         if self.pool is None:
             self.pool = int(ckpt.config.get("selection", {}).get("pool", 1))
+        if self.floor is None:
+            self.floor = ckpt.config.get("selection", {}).get("floor")
         schedule = ckpt.config.get("selection", {}).get("schedule")
         if schedule is not None and "_schedule" not in self.__dict__:  # an explicit schedule wins
             self.schedule = schedule
@@ -142,7 +149,7 @@ class NAMMPolicy(MemoryPolicy):
 
     def config(self) -> dict:
         """The checkpoint config of this policy (features, scorer, selection with its schedule)."""
-        config = namm_config(self.features, self.net.config(), self.checkpoint_threshold, self.pool)
+        config = namm_config(self.features, self.net.config(), self.checkpoint_threshold, self.pool, self.floor)
         config["selection"]["schedule"] = self.schedule
         return config
 
@@ -177,6 +184,12 @@ class NAMMPolicy(MemoryPolicy):
         caps = [budget.capacity(tokens_seen) for budget in self.caps]
         return torch.stack(caps).amin(0) if caps else None
 
+    def floor_count(self, tokens_seen: Tensor) -> Tensor | None:
+        """(B,) fewest tokens a layer keeps per head in threshold mode, or None without a floor."""
+        if self.floor is None or self.mode == "budget":
+            return None
+        return Budget(float(self.floor)).capacity(tokens_seen)
+
     def token_features(self, view: LayerView) -> Tensor:
         """(B, H, K, dim) feature vectors of a layer's tokens; updates the carried state in the view."""
         self.normalization = self.normalization.to(view.positions.device)  # moved to the model's device once
@@ -191,4 +204,4 @@ class NAMMPolicy(MemoryPolicy):
         if view.sliding_window is not None:
             window = torch.full_like(view.tokens_seen, int(view.sliding_window))
             scores, cap = out_of_window(scores, view.valid, view.positions, view.tokens_seen, window, cap)
-        return select_tokens(scores, view.valid, self.threshold, cap)
+        return select_tokens(scores, view.valid, self.threshold, cap, self.floor_count(view.tokens_seen))
