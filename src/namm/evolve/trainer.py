@@ -219,8 +219,9 @@ class Trainer:
         on the training prompts."""
         start = time.perf_counter()
         row = {"generation": self.cmaes.generation, "stage_generation": 0, **self.evaluate_mean()}
-        self.state.wall_s += time.perf_counter() - start
-        row["wall_s"] = row["total_wall_s"] = self.state.wall_s
+        row["wall_s"] = time.perf_counter() - start
+        self.state.wall_s += row["wall_s"]
+        row["total_wall_s"] = self.state.wall_s
         self._record(row)
 
     def _record(self, row: dict) -> None:
