@@ -74,9 +74,24 @@ def test_cmaes_maximises_fitness():
     assert float(sphere(opt.mean[None])[0]) > start / 100
 
 
+def test_a_mean_learning_rate_below_one_scales_the_first_step_and_is_saved(tmp_path):
+    full, damped = (CMAES(CMAESConfig(num_params=6, popsize=8, elite=4, sigma0=0.2, mean_lr=lr, seed=2))
+                    for lr in (1.0, 0.25))
+    full_samples, damped_samples = full.ask(), damped.ask()
+    assert torch.equal(full_samples, damped_samples)  # same seed: the same first population
+    full.tell(sphere(full_samples))
+    damped.tell(sphere(damped_samples))
+    assert float(full.mean.norm()) > 0.05
+    torch.testing.assert_close(damped.mean, 0.25 * full.mean)
+    damped.save(tmp_path)
+    assert CMAES.load(tmp_path).config.mean_lr == 0.25
+
+
 def test_cmaes_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="elite"):
         CMAESConfig(num_params=4, popsize=8, elite=9)
+    with pytest.raises(ValueError, match="learning rate"):
+        CMAESConfig(num_params=4, mean_lr=0)
     opt = CMAES(CMAESConfig(num_params=4, popsize=4, elite=2))
     with pytest.raises(RuntimeError, match="without ask"):
         opt.tell([1.0] * 4)
@@ -257,6 +272,8 @@ def test_cli_end_to_end_and_torchrun_matches_one_process(tmp_path):
     (["--tasks", "passkey", "--length", "300", "--generations", "1", "--out", "{tmp}/x"], "must exceed --n-up"),
     (["--tasks", "passkey", "--length", "600", "--generations", "1", "--population", "8", "--elite", "6",
       "--out", "{tmp}/x"], "elite must be"),
+    (["--tasks", "passkey", "--length", "600", "--generations", "1", "--mean-lr", "1.5", "--out", "{tmp}/x"],
+     "mean's learning rate"),
     (["--tasks", "passkey", "--length", "300"], "missing --generations, --out"),
     (["--resume", "{tmp}/nothing"], "no evolution run"),
     (["--tasks", "passkey", "--length", "300", "--generations", "1", "--prompts-per-task", "9",

@@ -67,6 +67,9 @@ def add_parser(sub) -> None:
     p.add_argument("--elite", type=int, default=None, help="CMA-ES parents (default: half the population)")
     p.add_argument("--sigma0", type=float, default=0.065, help="initial CMA-ES step size (default 0.065)")
     p.add_argument("--separable", action="store_true", help="diagonal covariance (linear cost; much faster)")
+    p.add_argument("--mean-lr", type=float, default=1.0,
+                   help="learning rate of the CMA-ES mean, in (0, 1] (default 1, standard CMA-ES); below 1 the mean "
+                        "averages the steps of several generations, which damps the drift a noisy fitness causes")
     p.add_argument("--generations", type=int, help="generations of this stage (with --resume: a new total)")
     p.add_argument("--eval-every", type=int, default=10,
                    help="score the CMA-ES mean on all training prompts every N generations (default 10)")
@@ -122,7 +125,7 @@ def config_from_args(args: argparse.Namespace):
         budgets=budgets, hidden=int_list(args.hidden, "--hidden") if args.hidden else None,
         generations=args.generations, prompts_per_task=args.prompts_per_task,
         train_prompts=args.train_prompts or 4 * args.prompts_per_task, population=args.population,
-        elite=args.elite, sigma0=args.sigma0, separable=args.separable, eval_every=args.eval_every,
+        elite=args.elite, sigma0=args.sigma0, separable=args.separable, mean_lr=args.mean_lr, eval_every=args.eval_every,
         eval_batch_size=args.eval_batch_size, seed=args.seed, memory_target=args.memory_target,
         memory_weight=args.memory_weight, n_up=args.n_up, scorer=args.scorer, batched=not args.one_by_one,
         init_from=args.init_from, init_checkpoint=args.init_checkpoint,

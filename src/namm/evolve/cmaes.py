@@ -42,7 +42,7 @@ class CMAESConfig:
     sigma0: float = 0.065
     separable: bool = False  # diagonal covariance (linear time and memory)
     active: bool = True  # active CMA: negative weights for the worst members
-    mean_lr: float = 1.0
+    mean_lr: float = 1.0  # learning rate of the mean (pycma's CMA_cmean); < 1 averages noisy steps
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +55,8 @@ class CMAESConfig:
                              f"positive), got {self.elite} for population {self.popsize}")
         if not self.sigma0 > 0:
             raise ValueError("sigma0 must be > 0")
+        if not 0 < self.mean_lr <= 1:
+            raise ValueError(f"the mean's learning rate must be in (0, 1], got {self.mean_lr}")
 
 
 def recombination_weights(popsize: int, elite: int) -> np.ndarray:

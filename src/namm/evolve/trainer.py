@@ -54,6 +54,7 @@ class EvolveConfig:
     elite: int | None = None  # default: half the population
     sigma0: float = 0.065
     separable: bool = False
+    mean_lr: float = 1.0  # learning rate of the CMA-ES mean (docs/algorithm.md §9)
     eval_every: int = 10
     eval_batch_size: int = 4
     seed: int = 0
@@ -105,7 +106,8 @@ class EvolveConfig:
                              f"no memory update, so every NAMM keeps everything")
         if self.elite is None:
             self.elite = self.population // 2
-        CMAESConfig(num_params=1, popsize=self.population, elite=self.elite, sigma0=self.sigma0)  # validates
+        CMAESConfig(num_params=1, popsize=self.population, elite=self.elite, sigma0=self.sigma0,
+                    mean_lr=self.mean_lr)  # validates
         self.memory  # validates the memory term
 
     @property
@@ -236,7 +238,8 @@ class Trainer:
     def _new_cmaes(self, num_params: int, mean: torch.Tensor | None = None) -> CMAES:
         """A fresh CMA-ES (step size ``sigma0``, identity covariance) centred on ``mean`` (zeros by default)."""
         return CMAES(CMAESConfig(num_params=num_params, popsize=self.config.population, elite=self.config.elite,
-                                 sigma0=self.config.sigma0, separable=self.config.separable, seed=self.config.seed),
+                                 sigma0=self.config.sigma0, separable=self.config.separable,
+                                 mean_lr=self.config.mean_lr, seed=self.config.seed),
                      mean=mean)
 
     def resume(self) -> None:
@@ -248,10 +251,10 @@ class Trainer:
         self._build_scorer()
 
     def _check_inherited(self, cma: CMAESConfig) -> None:
-        before = (cma.popsize, cma.elite, cma.separable)
-        now = (self.config.population, self.config.elite, self.config.separable)
+        before = (cma.popsize, cma.elite, cma.separable, cma.mean_lr)
+        now = (self.config.population, self.config.elite, self.config.separable, self.config.mean_lr)
         if before != now:
-            raise ValueError(f"the --init-from run used (population, elite, separable) = {before}; a stage keeps "
+            raise ValueError(f"the --init-from run used (population, elite, separable, mean-lr) = {before}; a stage keeps "
                              f"its CMA-ES state, so it must use the same (got {now})")
 
     def _calibrate(self):
