@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from namm.commands.common import add_device_args, load_model_from_args, set_threads, writable_dir
+from namm.commands.common import add_device_args, load_model_from_args, set_threads, show_progress, writable_dir
 
 
 def add_parser(sub) -> None:
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = pool[:: max(1, len(pool) // args.prompts)][: args.prompts]
     policy = build_policy(run_dir / "normalization", config)
     policy.floor = floor
-    records = ProxyScorer(model, policy).record(prompts)
+    records = ProxyScorer(model, policy, progress=show_progress(args)).record(prompts)
     threshold, fraction = calibrate_threshold(records, policy, best.params, args.target)
     selection = {**best.config.get("selection", {}), "threshold": threshold, "threshold_target": args.target,
                  "threshold_fraction_train": fraction, "threshold_prompts": len(prompts)}
