@@ -179,16 +179,21 @@ def main() -> int:
     p.add_argument("--namm-protocol", choices=("query-agnostic", "query-aware"), default=None,
                    help="the NAMM's protocol (default: the one its checkpoint was evolved on; baselines are always "
                         "query-agnostic)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--tasks", default="niah_single,passkey,multidoc_qa")
-    p.add_argument("--lengths", default="2048,4096")
-    p.add_argument("--budgets", default="0.25,0.5")
-    p.add_argument("--baselines", default=BASELINES)
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seed", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="docs/results/namm-acceptance")
+    p.add_argument("--model", default="smollm2-135m", help="registry name of the model (default smollm2-135m)")
+    p.add_argument("--tasks", default="niah_single,passkey,multidoc_qa",
+                   help="comma-separated evaluation tasks, none used in training (default niah_single,passkey,"
+                        "multidoc_qa)")
+    p.add_argument("--lengths", default="2048,4096", help="comma-separated prompt lengths in tokens (default 2048,4096)")
+    p.add_argument("--budgets", default="0.25,0.5", help="budget-mode rows: comma-separated KV fractions "
+                                                         "(default 0.25,0.5)")
+    p.add_argument("--baselines", default=BASELINES, help=f"comma-separated baseline policies (default {BASELINES})")
+    p.add_argument("--samples", type=int, default=32, help="prompts per task and length (default 32)")
+    p.add_argument("--seed", type=int, default=100, help="seed of the evaluation prompts; keep it apart from "
+                                                         "training and validation seeds (default 100)")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per forward in namm compare (default 4)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--out", default="docs/results/namm-acceptance",
+                   help="folder of the runs, README.md and summary.json (default docs/results/namm-acceptance)")
     args = p.parse_args()
     baselines = [b for b in args.baselines.split(",") if b]
     lines = []
