@@ -183,7 +183,8 @@ def main() -> int:
     p.add_argument("--tasks", default="niah_single,passkey,multidoc_qa",
                    help="comma-separated evaluation tasks, none used in training (default niah_single,passkey,"
                         "multidoc_qa)")
-    p.add_argument("--lengths", default="2048,4096", help="comma-separated prompt lengths in tokens (default 2048,4096)")
+    p.add_argument("--lengths", default="2048,4096",
+                   help="comma-separated prompt lengths in tokens (default 2048,4096)")
     p.add_argument("--budgets", default="0.25,0.5", help="budget-mode rows: comma-separated KV fractions "
                                                          "(default 0.25,0.5)")
     p.add_argument("--baselines", default=BASELINES, help=f"comma-separated baseline policies (default {BASELINES})")

@@ -254,8 +254,8 @@ class Trainer:
         before = (cma.popsize, cma.elite, cma.separable, cma.mean_lr)
         now = (self.config.population, self.config.elite, self.config.separable, self.config.mean_lr)
         if before != now:
-            raise ValueError(f"the --init-from run used (population, elite, separable, mean-lr) = {before}; a stage keeps "
-                             f"its CMA-ES state, so it must use the same (got {now})")
+            raise ValueError(f"the --init-from run used (population, elite, separable, mean-lr) = {before}; a stage "
+                             f"keeps its CMA-ES state, so it must use the same (got {now})")
 
     def _calibrate(self):
         from namm.policies.namm.calibration import calibrate_normalization
