@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -100,12 +101,21 @@ def _convert_gguf(name: str, gguf: Path, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A private folder per process: two jobs converting the same model at once must not share one.
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not (target / "config.json").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            try:
+                tmp.rename(target)
+            except OSError:
+                if not (target / "config.json").exists():
+                    raise  # not a concurrent conversion that finished first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_model_dir(name_or_path: str) -> tuple[str, str | None]:
