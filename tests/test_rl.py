@@ -124,6 +124,8 @@ def test_cli_train_and_eval_tiny(tmp_path, capsys):
     record = json.loads((out / "rl.json").read_text())
     assert [r["policy"] for r in record["rows"]] == ["full", "namm (smollm2-135m)", "recency", "h2o", "recency", "h2o",
                                                      "namm (smollm2-135m) budget mode"]
-    assert (out / "rl.md").is_file() and (out / "rl_retention.png").is_file()
+    assert record["checkpoint_source"] == "smollm2-135m"
+    assert "evolved on smollm2-135m's text" in (out / "rl.md").read_text()
+    assert (out / "rl_retention.png").is_file()
     assert main(["rl", "eval", "--seeds", "x"]) == 2
     assert "comma-separated list" in capsys.readouterr().err

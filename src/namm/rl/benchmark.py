@@ -83,6 +83,7 @@ def run_benchmark(model: DecisionTransformer, seeds: list[int], episodes: int, c
     namm_runs = run(namm_name, None, lambda: namm_policy(checkpoint, n_up))
     matched = round(rows[-1]["kv_fraction_after_update"], 3)
     n_up_used = namm_runs[0].runner.policy.n_up
+    source = namm_runs[0].runner.policy.loaded_checkpoint.provenance.get("model", "another model")
     extras = [(name, b) for b in extra_budgets for name in ("recency", "h2o", f"{namm_name} budget mode")]
     for name, budget in [("recency", matched), ("h2o", matched), *extras]:
         if name == namm_name + " budget mode":
@@ -90,7 +91,8 @@ def run_benchmark(model: DecisionTransformer, seeds: list[int], episodes: int, c
         else:
             run(name, budget, lambda: make_policy(name, budget=budget, n_up=n_up_used))
     retention = retention_views(model, checkpoint, n_up, namm_runs[0], retention_episodes)
-    return {"env": model.config.env, "observed": model.config.observed, "checkpoint": checkpoint, "n_up": n_up_used,
+    return {"env": model.config.env, "observed": model.config.observed, "checkpoint": checkpoint,
+            "checkpoint_source": source, "n_up": n_up_used,
             "seeds": seeds, "episodes_per_seed": episodes, "matched_budget": matched,
             "target_return": model.config.max_steps, "dt": model.config.provenance, "rows": rows,
             "retention": retention}
@@ -142,7 +144,8 @@ def write_report(record: dict, out: Path, command: str) -> list[Path]:
         f"its context. Greedy rollouts asking for the maximum return {record['target_return']}; "
         f"{len(record['seeds'])} seeds x {record['episodes_per_seed']} episodes per policy; a full episode is "
         f"1,499 tokens, and the memory updates every {record['n_up']} tokens. NAMM = checkpoint "
-        f"`{record['checkpoint']}` (evolved on SmolLM2 text, never on this task), threshold mode; recency and H2O "
+        f"`{record['checkpoint']}` (evolved on {record['checkpoint_source']}'s text, never on "
+        "this task), threshold mode; recency and H2O "
         f"run at its measured memory ({record['matched_budget']:.3f} of the full KV cache after each update). "
         f"The full cache reaches the maximum return in {100 * full_at_max:.0f}% of its episodes: where that is "
         "near 100%, this table can show what a policy loses, not what it gains.",
