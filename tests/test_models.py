@@ -28,7 +28,7 @@ def _patch_loaders(monkeypatch, tokenizer: _Tokenizer) -> None:
 def test_a_conversion_leaves_the_model_and_no_partial_folder(tmp_path, monkeypatch):
     _patch_loaders(monkeypatch, _Tokenizer())
     target = tmp_path / "models" / "tiny"
-    models._convert_gguf("tiny", tmp_path / "tiny.gguf", target)
+    models._convert_gguf(tmp_path / "tiny.gguf", target)
     assert (target / "config.json").exists() and (target / "tokenizer.json").exists()
     assert sorted(p.name for p in target.parent.iterdir()) == ["tiny"]
 
@@ -41,6 +41,6 @@ def test_a_conversion_finished_first_by_another_process_is_kept(tmp_path, monkey
         (target / "config.json").write_text('{"other": true}')
 
     _patch_loaders(monkeypatch, _Tokenizer(on_save=other_process_finishes))
-    models._convert_gguf("tiny", tmp_path / "tiny.gguf", target)
+    models._convert_gguf(tmp_path / "tiny.gguf", target)
     assert (target / "config.json").read_text() == '{"other": true}'
     assert sorted(p.name for p in target.parent.iterdir()) == ["tiny"]

@@ -94,7 +94,12 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def _convert_gguf(name: str, gguf: Path, target: Path) -> None:
+def _is_converted(target: Path) -> bool:
+    """Whether ``target`` holds a finished conversion (it appears whole, by one rename)."""
+    return (target / "config.json").exists()
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
     """De-quantise a GGUF once and save it as a float32 transformers checkpoint."""
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -107,12 +112,12 @@ def _convert_gguf(name: str, gguf: Path, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if not (target / "config.json").exists():
+        if not _is_converted(target):
             shutil.rmtree(target, ignore_errors=True)
             try:
                 tmp.rename(target)
             except OSError:
-                if not (target / "config.json").exists():
+                if not _is_converted(target):
                     raise  # not a concurrent conversion that finished first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -123,11 +128,11 @@ def resolve_model_dir(name_or_path: str) -> tuple[str, str | None]:
     if name_or_path in MODELS:
         spec = MODELS[name_or_path]
         target = cache_dir() / "models" / spec.name
-        if not (target / "config.json").exists():
+        if not _is_converted(target):
             gguf = spec.locate()
             if gguf is None or not gguf.exists():
                 raise ModuleNotFoundError(f"model {spec.name!r} is not installed; run: {spec.install}")
-            _convert_gguf(spec.name, gguf, target)
+            _convert_gguf(gguf, target)
         return str(target), None
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
