@@ -3,6 +3,9 @@
 * prefill at ``prefill_tokens``: the runtime's ``full`` policy against a plain transformers forward
   (one shot, SDPA), and the all-zero NAMM (every update runs, nothing is evicted) against ``full``,
   with the paper's BAM scorer and with the MLP scorer of the evolution campaigns (``MLP_SCORER``);
+  and the floor under the zero NAMM: ``full`` plus the kernels no implementation of the algorithm
+  can skip (BAM's causal self-attention over each head's tokens and the STFT's matrix product, at
+  every update's cache size), as a ratio to ``full``;
 * long context at ``decode_context``: prefill and decode of eviction policies at ``budget`` and of
   a NAMM keeping ``namm_fraction`` of the tokens seen (budget mode), against ``full``: prefill time,
   decode tokens/s and peak KV bytes;
@@ -21,10 +24,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from namm.memory.generation import GenerationOutput, generate
 from namm.policies.base import LayerView, MemoryPolicy
+from namm.policies.namm.features import FeatureConfig, stft_basis
+from namm.policies.namm.scorers import BAMScorer
 from namm.policies.registry import make_policy
 from namm.tasks.corpus import corpus_tokens
 
@@ -66,6 +72,35 @@ def zero_namm(scorer: str | dict = "bam") -> MemoryPolicy:
     return make_policy("namm", checkpoint="zeros", scorer=scorer)
 
 
+def _best_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Best of ``repeats`` timed calls of ``fn`` after one warm-up (synchronised on CUDA)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _device: None)
+    fn()
+    sync(device)
+    return min(_seconds(lambda: (fn(), sync(device))) for _ in range(repeats))
+
+
+@torch.inference_mode()
+def mandatory_kernel_seconds(model: PreTrainedModel, tokens: int, repeats: int) -> dict:
+    """Seconds, summed over the updates of a ``tokens``-long prefill (one every ``n_up`` tokens,
+    cache sizes n_up, 2 n_up, ... in every layer), of the two kernels a zero NAMM must run beyond
+    the full cache's work whatever the implementation: BAM's causal self-attention over each KV
+    head's cached tokens (head size = BAM's hidden width) and the STFT's product of the basis with
+    every token's signal frames (docs/algorithm.md §4-5). Random inputs of the model's shapes."""
+    config = model.config.get_text_config()
+    H, layers = config.num_key_value_heads, config.num_hidden_layers
+    features, hidden = FeatureConfig(), BAMScorer().hidden
+    device, gen = model.device, torch.Generator(device=model.device).manual_seed(0)
+    basis = stft_basis(features, device)
+    bam_s = stft_s = 0.0
+    for cached in range(features.n_up, tokens + 1, features.n_up):
+        q, k, v = torch.randn(3, 1, H, cached, hidden, generator=gen, device=device).unbind(0)
+        bam_s += _best_seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats, device)
+        signals = torch.rand(1, H, features.frames, features.window, cached, generator=gen, device=device)
+        stft_s += _best_seconds(lambda: torch.matmul(basis, signals), repeats, device)
+    return {"bam_attention_s": bam_s * layers, "stft_matmul_s": stft_s * layers}
+
+
 @torch.inference_mode()
 def prefill_figures(model: PreTrainedModel, prompt: torch.Tensor, repeats: int) -> dict:
     """Seconds to prefill ``prompt`` with a plain transformers forward, the runtime's ``full``
@@ -80,10 +115,13 @@ def prefill_figures(model: PreTrainedModel, prompt: torch.Tensor, repeats: int) 
         for name, policy in policies.items():
             out = generate(model, None, prompt, policy=policy, max_new_tokens=0)
             best[name] = min(best.get(name, float("inf")), out.prefill_seconds)
+    floor = mandatory_kernel_seconds(model, len(prompt), repeats)
     return {"tokens": len(prompt), "hf_forward_s": plain_s, "namm_full_s": best[FULL],
             "namm_zeros_s": best[ZERO_NAMM], "ratio": best[FULL] / plain_s,
             "namm_zeros_ratio": best[ZERO_NAMM] / best[FULL], "namm_zeros_mlp_s": best[ZERO_NAMM_MLP],
-            "namm_zeros_mlp_ratio": best[ZERO_NAMM_MLP] / best[FULL]}
+            "namm_zeros_mlp_ratio": best[ZERO_NAMM_MLP] / best[FULL], **floor,
+            "floor_bam_ratio": (best[FULL] + floor["bam_attention_s"] + floor["stft_matmul_s"]) / best[FULL],
+            "floor_mlp_ratio": (best[FULL] + floor["stft_matmul_s"]) / best[FULL]}
 
 
 def long_context_figures(model: PreTrainedModel, prompt: torch.Tensor, cfg: BenchmarkConfig) -> dict:
@@ -195,6 +233,8 @@ def format_report(figures: dict) -> str:
         f"full (target <= 1.3)",
         f"prefill {pre['tokens']} tokens: zero NAMM (MLP 8) {pre['namm_zeros_mlp_s']:.2f} s -> "
         f"{pre['namm_zeros_mlp_ratio']:.3f}x full (target <= 1.3)",
+        f"floor under the zero NAMM: full + BAM's K x K attention {pre['bam_attention_s']:.2f} s + STFT product "
+        f"{pre['stft_matmul_s']:.2f} s -> {pre['floor_bam_ratio']:.3f}x full (BAM), {pre['floor_mlp_ratio']:.3f}x (MLP)",
         f"{cfg['decode_context']} tokens of context, then {cfg['decode_tokens']} decoded; eviction budget "
         f"{cfg['budget']} (decode target >= 1.5x), NAMM at {cfg['namm_fraction']} (prefill target <= 1.0x):",
         f"{'policy':<10} {'prefill s':>9} {'vs full':>8} {'tok/s':>7} {'speedup':>8} {'KV peak/full':>13} "

@@ -47,12 +47,16 @@ def _softmax_chunks(
     scaling: float,
     sliding_window: int | None,
     chunk_bytes: int,
+    own_keys_last: bool = False,
 ) -> Iterator[tuple[int, int, Tensor]]:
-    """Yield ``(lo, hi, probs)``: the (B, H, G, hi - lo, K) float32 softmax attention of queries
-    ``lo:hi`` (B, H*G, N, D) over keys (B, H, K, D), zero where not visible, in chunks of queries
-    whose logits take at most ``chunk_bytes`` (at least one query per chunk). Each query's row is
-    computed whole, so the chunking never changes a value. The mask is applied only after the
-    slots every query sees."""
+    """Yield ``(lo, hi, probs)``: the (B, H, G, hi - lo, K') float32 softmax attention of queries
+    ``lo:hi`` (B, H*G, N, D) over the first K' of the keys (B, H, K, D), zero where not visible, in
+    chunks of queries whose logits take at most ``chunk_bytes`` (at least one query per chunk).
+    K' = K, except with ``own_keys_last`` (the last N slots hold the queries' own keys, in query
+    order, as in a forward step): a chunk then skips the slots after its newest query's own key,
+    which none of its queries can see (their attention there is zero). Each query's row is computed
+    whole, so the chunking never changes a value. The mask is applied only after the slots every
+    query sees."""
     B, Hq, N, D = queries.shape
     H, K = keys.shape[1], keys.shape[2]
     G = Hq // H
@@ -62,9 +66,10 @@ def _softmax_chunks(
     width = max(1, chunk_bytes // (4 * B * H * G * max(K, 1)))
     for lo in range(0, N, width):
         hi = min(lo + width, N)
-        n = hi - lo
-        logits = torch.matmul(q[:, :, :, lo:hi].reshape(B, H, G * n, D).float() * scaling, k).view(B, H, G, n, K)
-        visible = visibility(query_positions[:, lo:hi], key_positions[..., start:], sliding_window)
+        n, seen = hi - lo, K - N + hi if own_keys_last else K
+        logits = torch.matmul(q[:, :, :, lo:hi].reshape(B, H, G * n, D).float() * scaling, k[..., :seen])
+        logits = logits.view(B, H, G, n, seen)
+        visible = visibility(query_positions[:, lo:hi], key_positions[..., start:seen], sliding_window)
         logits[..., start:].masked_fill_(~visible[:, :, None], float("-inf"))
         yield lo, hi, torch.softmax(logits, dim=-1)
 
@@ -108,7 +113,8 @@ def attention_with_probs(
     output (in the queries' dtype) and the (B, H, min(last, N), K) probabilities of the last
     ``last`` queries averaged over each KV head's G query heads, exactly what
     :func:`buffered_attention` gives the update for them. One softmax serves both, so the update
-    does not attend these queries a second time. Every query must be real (no padding)."""
+    does not attend these queries a second time. Every query must be real (no padding), and the
+    last N slots must hold the queries' own keys in query order (a forward step's keys)."""
     B, Hq, N, _ = queries.shape
     H, K, Dv = keys.shape[1], keys.shape[2], values.shape[-1]
     G, last = Hq // H, min(last, N)
@@ -116,10 +122,12 @@ def attention_with_probs(
     probs = keys.new_empty(B, H, last, K, dtype=torch.float32)
     v, first = values.float(), N - last
     for lo, hi, chunk in _softmax_chunks(queries, query_positions, keys, key_positions, scaling, sliding_window,
-                                         chunk_bytes):
-        n = hi - lo
-        attended = torch.matmul(chunk.reshape(B, H, G * n, K), v)  # (B, H, G*n, Dv)
+                                         chunk_bytes, own_keys_last=True):
+        n, seen = hi - lo, chunk.shape[-1]
+        attended = torch.matmul(chunk.reshape(B, H, G * n, seen), v[:, :, :seen])  # (B, H, G*n, Dv)
         out[:, :, lo:hi] = attended.view(B, Hq, n, Dv)
         if hi > first:
-            probs[:, :, max(lo, first) - first:hi - first] = chunk[:, :, :, max(lo, first) - lo:].mean(2)
+            rows = slice(max(lo, first) - first, hi - first)
+            probs[:, :, rows, :seen] = chunk[:, :, :, max(lo, first) - lo:].mean(2)
+            probs[:, :, rows, seen:] = 0.0
     return out, probs
