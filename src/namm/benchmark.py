@@ -18,6 +18,7 @@ them alike.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,15 @@ def _status_bytes(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
+def _release_free_heap() -> None:
+    """Return the C heap's freed pages to the system (glibc keeps them resident, so a later call
+    reusing them would not raise the resident set); nothing where the C library has no such call."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
     """Seconds of ``fn()`` and the most memory it held at once beyond what was held before: the
     allocator's peak on CUDA, the growth of the process's peak resident set on the CPU (Linux;
@@ -178,6 +188,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[float, 
         before = torch.cuda.memory_allocated(device)
         seconds = _seconds(lambda: (fn(), torch.cuda.synchronize(device)))
         return seconds, torch.cuda.max_memory_allocated(device) - before
+    _release_free_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set to the current one
         before = _status_bytes("VmRSS")
