@@ -13,7 +13,9 @@ from test_evolve_helpers import save_tiny_model
 import namm
 from namm.policies.namm.checkpoint import save_namm_checkpoint
 
-def test_transfer_table_on_two_other_families(tmp_path, capsys):
+
+def test_transfer_table_on_two_other_families(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NAMM_CACHE", str(tmp_path / "cache"))  # its full-cache references stay out of the user's cache
     module = load_benchmark("transfer")
     source = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=64)
     params = torch.randn(source.num_params, generator=torch.Generator().manual_seed(3)) * 0.5
