@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -147,6 +148,17 @@ def test_cli_eval_end_to_end_with_cached_reference(tiny_dir, tmp_path, capsys):
     assert metrics["reference_score"] == json.loads((tmp_path / "full" / "metrics.json").read_text())["score"]
     assert "normalized_score" in metrics and metrics["budget"] == "0.5"
     assert "score" in capsys.readouterr().out
+
+
+def test_reference_is_kept_per_dtype(tiny_dir, tmp_path):
+    """A bfloat16 full-cache run is the reference of bfloat16 runs only, never of float32 ones."""
+    base = ["eval", "--model", tiny_dir, "--task", "passkey", "--length", "600", "--samples", "2", "--quiet"]
+    assert main(base + ["--policy", "full", "--dtype", "bfloat16", "--out", str(tmp_path / "full-bf16")]) == 0
+    references = Path(os.environ["NAMM_CACHE"]) / "references"
+    assert [p.name.split("-")[-3:-1] for p in references.iterdir()] == [["bfloat16", "cpu"]]
+    assert main(base + ["--policy", "h2o", "--budget", "0.5", "--n-up", "128", "--normalize",
+                        "--out", str(tmp_path / "h2o")]) == 0
+    assert sorted(p.name.split("-")[-3] for p in references.iterdir()) == ["bfloat16", "float32"]  # computed anew
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         if policy_name == args.match_cache:
             matched[task] = matched_budget(metrics["kv_fraction"])
         if policy_name == "full" and not args.question_after_compression:
-            store_reference(args.model, samples, run_dir)
+            store_reference(args.model, model, samples, run_dir)
         done = read_predictions(run_dir / PREDICTIONS)
         rows.append({**metrics, "sample_scores": [100.0 * done[s.id]["score"] for s in samples]})
     for row in rows:

@@ -184,7 +184,7 @@ def add_reference(metrics: dict, model, tokenizer, samples, args, task: str, out
     from namm.eval.runner import METRICS, write_json
 
     if args.policy == "full" and not args.checkpoint and not args.question_after_compression:
-        store_reference(args.model, samples, out)
+        store_reference(args.model, model, samples, out)
     if not args.normalize:
         return metrics
     ref = reference_metrics(model, tokenizer, samples, args.model, task, args.batch_size, show_progress(args))

@@ -14,27 +14,30 @@ from namm.policies.registry import make_policy
 from namm.tasks.base import Sample
 
 
-def reference_dir(model_name: str, samples: list[Sample]) -> Path:
-    """Where the full-cache results for these samples on this model live (under the namm cache)."""
+def reference_dir(model_name: str, model, samples: list[Sample]) -> Path:
+    """Where the full-cache results for these samples on this model live (under the namm cache).
+    The model's dtype and device type are part of the key: a bfloat16 or GPU run answers
+    differently from a float32 CPU run, so neither serves as the other's reference."""
     from namm.models import cache_dir
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_")[-60:] or "model"
-    return cache_dir() / "references" / f"{slug}-{samples_digest(samples)}"
+    variant = f"{str(model.dtype).removeprefix('torch.')}-{model.device.type}"
+    return cache_dir() / "references" / f"{slug}-{variant}-{samples_digest(samples)}"
 
 
-def cached_reference(model_name: str, samples: list[Sample]) -> dict | None:
+def cached_reference(model_name: str, model, samples: list[Sample]) -> dict | None:
     """The full-cache metrics for these samples if they were computed before, else None."""
-    file = reference_dir(model_name, samples) / METRICS
+    file = reference_dir(model_name, model, samples) / METRICS
     if not file.is_file():
         return None
     metrics = json.loads(file.read_text(encoding="utf-8"))
     return metrics if metrics.get("n") == len(samples) else None
 
 
-def store_reference(model_name: str, samples: list[Sample], run_dir: Path) -> None:
+def store_reference(model_name: str, model, samples: list[Sample], run_dir: Path) -> None:
     """Keep a finished full-cache run as the reference for these samples (no recomputation later)."""
-    target = reference_dir(model_name, samples)
-    if cached_reference(model_name, samples) is None:
+    target = reference_dir(model_name, model, samples)
+    if cached_reference(model_name, model, samples) is None:
         target.mkdir(parents=True, exist_ok=True)
         for name in (PREDICTIONS, METRICS):
             shutil.copyfile(run_dir / name, target / name)
@@ -43,10 +46,10 @@ def store_reference(model_name: str, samples: list[Sample], run_dir: Path) -> No
 def reference_metrics(model, tokenizer, samples: list[Sample], model_name: str, task: str,
                       batch_size: int = 1, progress: bool = True) -> dict:
     """The full-cache metrics for these samples: from the cache, or computed once and cached."""
-    found = cached_reference(model_name, samples)
+    found = cached_reference(model_name, model, samples)
     if found is not None:
         return found
-    return evaluate(model, tokenizer, make_policy("full"), samples, out_dir=reference_dir(model_name, samples),
+    return evaluate(model, tokenizer, make_policy("full"), samples, out_dir=reference_dir(model_name, model, samples),
                     batch_size=batch_size, progress=progress, task=task, model_name=model_name)
 
 
