@@ -6,14 +6,17 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 import namm
 from fixtures.byte_tokenizer import byte_tokenizer
 from namm.cli import main
+from namm.commands.common import locked_output_dir
 from namm.eval import runner
-from namm.eval.report import markdown_table, mean_rows, normalized_score
+from namm.eval.report import markdown_table, mean_rows, normalized_score, reference_dir
 from namm.eval.runner import evaluate
 from namm.tasks import get_task
 from tiny_models import tiny_model
@@ -159,6 +162,35 @@ def test_reference_is_kept_per_dtype(tiny_dir, tmp_path):
     assert main(base + ["--policy", "h2o", "--budget", "0.5", "--n-up", "128", "--normalize",
                         "--out", str(tmp_path / "h2o")]) == 0
     assert sorted(p.name.split("-")[-3] for p in references.iterdir()) == ["bfloat16", "float32"]  # computed anew
+
+
+def test_reference_of_a_local_folder_follows_its_files(tmp_path):
+    """Replacing a local model folder's weights gives a new reference key; an untouched folder keeps its key."""
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"old weights")
+    model = SimpleNamespace(dtype=torch.float32, device=torch.device("cpu"))
+    samples = get_task("passkey").samples(byte_tokenizer(), 600, 2)
+    before = reference_dir(str(folder), model, samples)
+    assert reference_dir(str(folder), model, samples) == before
+    (folder / "model.safetensors").write_bytes(b"new weights, longer")
+    assert reference_dir(str(folder), model, samples) != before
+    assert reference_dir("smollm2-135m", model, samples).name.startswith("smollm2-135m-float32-cpu-")
+
+
+def test_second_command_on_one_out_folder_stops(tiny_dir, tmp_path, capsys):
+    """While one command writes to a folder, another one aimed at it stops with a one-line error."""
+    out = str(tmp_path / "o")
+    argv = ["eval", "--model", tiny_dir, "--task", "passkey", "--length", "600", "--samples", "1", "--quiet",
+            "--out", out]
+    with locked_output_dir(out):
+        assert main(argv) == 2
+        assert main(["compare", "--model", tiny_dir, "--policies", "full", "--tasks", "passkey", "--length", "600",
+                     "--samples", "1", "--quiet", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("another namm command is writing to" in line for line in err)
+    assert not (tmp_path / "o" / "metrics.json").exists()
+    assert main(argv) == 0  # released when the first one ends
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import inspect
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -13,6 +16,8 @@ import torch
 from namm.models import DEFAULT_MODEL, DTYPES, MODELS
 from namm.policies.base import SCHEDULES, MemoryPolicy
 from namm.policies.registry import make_policy, policy_class, policy_names
+
+LOCK_FILE = ".namm-lock"  # held while a command writes to an output folder
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +92,22 @@ def read_text_file(path: str) -> str:
     if not file.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     return file.read_text(encoding="utf-8")
+
+
+@contextmanager
+def locked_output_dir(path: str) -> Iterator[Path]:
+    """``writable_dir(path)``, held by this process alone: a second command writing to the same
+    folder stops with a one-line error instead of overwriting the first one's tables."""
+    out = writable_dir(path)
+    with open(out / LOCK_FILE, "a", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another namm command is writing to {path}; wait for it or pick another --out") from None
+        try:
+            yield out
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def writable_dir(path: str) -> Path:

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from namm.commands.common import (
-    add_model_args, add_schedule_arg, load_model_from_args, policy_from_args, set_threads, show_progress,
-    writable_dir,
+    add_model_args, add_schedule_arg, load_model_from_args, locked_output_dir, policy_from_args, set_threads,
+    show_progress,
 )
 from namm.commands.eval import add_data_file_args, add_sample_args, check_data_file_args, cut_note, load_samples
 
@@ -123,13 +123,18 @@ def build_policy(args: argparse.Namespace, policy: str, budget: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
+    runs = plan(args)
+    with locked_output_dir(args.out) as out:
+        return run_plan(args, runs, out)
+
+
+def run_plan(args: argparse.Namespace, runs: list[tuple[str, str, str | None]], out: Path) -> int:
+    """Evaluate every planned (task, policy, budget), then write the tables and the plot."""
     from namm.eval.plots import plot_score_vs_cache
     from namm.eval.report import markdown_table, mean_rows, normalized_score, reference_metrics, store_reference
     from namm.eval.runner import PREDICTIONS, evaluate, read_predictions
     from namm.memory.generation import model_context
 
-    runs = plan(args)
-    out = writable_dir(args.out)
     set_threads(args)
     model, tokenizer = load_model_from_args(args)
     rows, references, matched = [], {}, {}

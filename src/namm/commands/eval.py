@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from namm.commands.common import (
-    add_model_args, add_policy_args, load_model_from_args, policy_from_args, set_threads, show_progress,
-    writable_dir,
+    add_model_args, add_policy_args, load_model_from_args, locked_output_dir, policy_from_args, set_threads,
+    show_progress,
 )
 
 PERPLEXITY = "perplexity"
@@ -142,9 +142,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from namm.eval.runner import evaluate
-    from namm.memory.generation import model_context
-
     if args.list_tasks:
         from namm.tasks import task_names
 
@@ -157,7 +154,15 @@ def run(args: argparse.Namespace) -> int:
         from namm.eval.perplexity import check_perplexity_policy
 
         check_perplexity_policy(policy)
-    out = writable_dir(args.out)
+    with locked_output_dir(args.out) as out:
+        return evaluate_into(args, policy, out)
+
+
+def evaluate_into(args: argparse.Namespace, policy, out: Path) -> int:
+    """Run the evaluation (task or perplexity) and write its files into ``out``."""
+    from namm.eval.runner import evaluate
+    from namm.memory.generation import model_context
+
     model, tokenizer = load_model_from_args(args)
     extra = {"budget": args.budget, "checkpoint": args.checkpoint, "seed": args.seed}
     if args.task == PERPLEXITY:

@@ -3,6 +3,7 @@ comparison tables."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -21,8 +22,17 @@ def reference_dir(model_name: str, model, samples: list[Sample]) -> Path:
     from namm.models import cache_dir
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_")[-60:] or "model"
+    if Path(model_name).is_dir():  # a local folder: replacing its files must not reuse the old answers
+        slug += f"-{folder_fingerprint(Path(model_name))}"
     variant = f"{str(model.dtype).removeprefix('torch.')}-{model.device.type}"
     return cache_dir() / "references" / f"{slug}-{variant}-{samples_digest(samples)}"
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """A short digest of a model folder's files (names, sizes, modification times)."""
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    listing = "\n".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()[:8]
 
 
 def cached_reference(model_name: str, model, samples: list[Sample]) -> dict | None:
