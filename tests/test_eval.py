@@ -165,7 +165,8 @@ def test_reference_is_kept_per_dtype(tiny_dir, tmp_path):
 
 
 def test_reference_of_a_local_folder_follows_its_files(tmp_path):
-    """Replacing a local model folder's weights gives a new reference key; an untouched folder keeps its key."""
+    """Replacing a local model folder's weights or a local .gguf file gives a new reference key; an untouched
+    folder keeps its key."""
     folder = tmp_path / "my-model"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"old weights")
@@ -175,6 +176,11 @@ def test_reference_of_a_local_folder_follows_its_files(tmp_path):
     assert reference_dir(str(folder), model, samples) == before
     (folder / "model.safetensors").write_bytes(b"new weights, longer")
     assert reference_dir(str(folder), model, samples) != before
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"old file")
+    first = reference_dir(str(gguf), model, samples)
+    gguf.write_bytes(b"new file, longer")
+    assert reference_dir(str(gguf), model, samples) != first
     assert reference_dir("smollm2-135m", model, samples).name.startswith("smollm2-135m-float32-cpu-")
 
 

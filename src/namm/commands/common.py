@@ -99,15 +99,12 @@ def locked_output_dir(path: str) -> Iterator[Path]:
     """``writable_dir(path)``, held by this process alone: a second command writing to the same
     folder stops with a one-line error instead of overwriting the first one's tables."""
     out = writable_dir(path)
-    with open(out / LOCK_FILE, "a", encoding="utf-8") as handle:
+    with open(out / LOCK_FILE, "a", encoding="utf-8") as handle:  # closing the file releases the lock
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RuntimeError(f"another namm command is writing to {path}; wait for it or pick another --out") from None
-        try:
-            yield out
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield out
 
 
 def writable_dir(path: str) -> Path:

@@ -22,16 +22,17 @@ def reference_dir(model_name: str, model, samples: list[Sample]) -> Path:
     from namm.models import cache_dir
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_")[-60:] or "model"
-    if Path(model_name).is_dir():  # a local folder: replacing its files must not reuse the old answers
-        slug += f"-{folder_fingerprint(Path(model_name))}"
+    if Path(model_name).exists():  # a local folder or .gguf file: replacing it must not reuse the old answers
+        slug += f"-{local_model_fingerprint(Path(model_name))}"
     variant = f"{str(model.dtype).removeprefix('torch.')}-{model.device.type}"
     return cache_dir() / "references" / f"{slug}-{variant}-{samples_digest(samples)}"
 
 
-def folder_fingerprint(folder: Path) -> str:
-    """A short digest of a model folder's files (names, sizes, modification times)."""
-    files = sorted(f for f in folder.iterdir() if f.is_file())
-    listing = "\n".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+def local_model_fingerprint(path: Path) -> str:
+    """A short digest of a local model's files (a folder's files, or the one file): names, sizes,
+    modification times."""
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    listing = "\n".join(f"{f.name}:{st.st_size}:{st.st_mtime_ns}" for f in files for st in [f.stat()])
     return hashlib.sha256(listing.encode()).hexdigest()[:8]
 
 
