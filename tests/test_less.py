@@ -240,15 +240,16 @@ def test_training_reduces_the_layer_error_and_resumes(tmp_path, monkeypatch):
 
     model = tiny_model("llama-gqa")
     config = TrainConfig(sequences=2, seq_len=160, queries_per_seq=32, steps=12, batch_sequences=2, lr=1e-2,
-                         hidden=16, rank=4)
+                         hidden=16, rank=4, validation=2, eval_every=4)
     policy = namm.make_policy("h2o", budget=0.2, n_up=64)
     path = train_less(model, ByteTokenizer(), policy, tmp_path, config, {"model": "tiny"}, progress=False)
     from namm.less.checkpoint import read_metadata
 
     layers = read_metadata(path)["provenance"]["layers"]
-    assert len(layers) == 3
-    for report in layers.values():
-        assert report["less_mse"] < report["policy_mse"]
+    assert len(layers) == 3 and len(list((tmp_path / "data").glob("*.safetensors"))) == 4  # 2 fitted + 2 held out
+    for report in layers.values():  # measured on the two sequences never fitted
+        assert report["measured_on"] == "validation" and report["less_mse"] < report["policy_mse"]
+        assert report["best_step"] in (4, 8, 12) and report["last_step"] == 12
     kernels = load_less_kernels(path)
     assert kernels.config.rank == 4
     # resuming reuses the captured data and the finished layers: nothing is recomputed
@@ -273,7 +274,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path, monk
 
     model = tiny_model("llama-gqa")
     config = TrainConfig(sequences=2, seq_len=160, queries_per_seq=16, steps=4, batch_sequences=2, lr=1e-2,
-                         hidden=8, rank=4, layers_per_pass=2)
+                         hidden=8, rank=4, layers_per_pass=2, validation=1, eval_every=2)
     policy = lambda: namm.make_policy("h2o", budget=0.2, n_up=64)
     whole = load_less_kernels(train_less(model, ByteTokenizer(), policy(), tmp_path / "whole", config, progress=False))
     fit, passes = training.fit_group, []
@@ -300,7 +301,8 @@ def test_training_on_a_bfloat16_model_gives_float32_kernels_that_follow_the_mode
     from namm.less.training import TrainConfig, train_less
 
     model = tiny_model("qwen2").to(torch.bfloat16)
-    config = TrainConfig(sequences=2, seq_len=160, queries_per_seq=16, steps=3, batch_sequences=2, hidden=8, rank=4)
+    config = TrainConfig(sequences=2, seq_len=160, queries_per_seq=16, steps=3, batch_sequences=2, hidden=8, rank=4,
+                         validation=1)
     path = train_less(model, ByteTokenizer(), namm.make_policy("h2o", budget=0.2, n_up=64), tmp_path, config,
                       progress=False)
     kernels = load_less_kernels(path)
@@ -321,13 +323,43 @@ def test_training_on_the_shipped_namm_evictions(tmp_path):
     policy = namm.make_policy("namm", checkpoint="smollm2-135m", budget=0.3,
                               schedule="progressive")  # the shipped NAMM, its n_up
     assert policy.n_up == 512
-    config = TrainConfig(sequences=2, seq_len=640, queries_per_seq=16, steps=3, batch_sequences=2, hidden=8, rank=4)
+    config = TrainConfig(sequences=2, seq_len=640, queries_per_seq=16, steps=3, batch_sequences=2, hidden=8, rank=4,
+                         validation=0)
     path = train_less(model, ByteTokenizer(), policy, tmp_path, config, {"policy": "namm"}, progress=False)
     layers = read_metadata(path)["provenance"]["layers"]
     assert all(report["policy_mse"] > 0 for report in layers.values())
     with pytest.raises(ValueError, match="must exceed"):
         train_less(model, ByteTokenizer(), namm.make_policy("namm", checkpoint="smollm2-135m"), tmp_path / "short",
                    TrainConfig(seq_len=400), progress=False)
+
+
+def test_early_stopping_keeps_each_layers_best_weights():
+    from namm.less.training import EarlyStopping
+
+    weight = torch.zeros(2, 3, requires_grad=True)
+    losses = iter([torch.tensor([2.0, 2.0]), torch.tensor([1.0, 3.0]), torch.tensor([1.5, 2.5])])
+    stopper = EarlyStopping({"w": weight}, lambda: next(losses))
+    with torch.no_grad():
+        weight.fill_(1.0)
+    assert stopper.check(step=10) == 0  # layer 0 improved: its weights are kept, layer 1's are not
+    with torch.no_grad():
+        weight.fill_(2.0)
+    assert stopper.check(step=20) == 1  # nothing improved
+    stopper.restore()
+    assert weight.tolist() == [[1.0] * 3, [0.0] * 3] and stopper.best_step.tolist() == [10, 0]
+
+
+def test_training_stops_when_no_layer_improves(tmp_path, monkeypatch):
+    import namm.less.training as training
+    from namm.less.checkpoint import read_metadata
+
+    monkeypatch.setattr(training, "_mean_loss", lambda params, *a, **k: torch.ones(params["log_scale"].shape[0]))
+    config = training.TrainConfig(sequences=2, seq_len=160, queries_per_seq=16, steps=100, batch_sequences=2,
+                                  hidden=8, rank=4, validation=1, eval_every=3, patience=2)
+    path = training.train_less(tiny_model("llama-gqa"), ByteTokenizer(), namm.make_policy("h2o", budget=0.2, n_up=64),
+                               tmp_path, config, progress=False)
+    for report in read_metadata(path)["provenance"]["layers"].values():
+        assert report["last_step"] == 6 and report["best_step"] == 0
 
 
 def test_training_config_errors():
@@ -337,6 +369,8 @@ def test_training_config_errors():
         TrainConfig(seq_len=512).check(512)
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0).check(64)
+    with pytest.raises(ValueError, match="validation"):
+        TrainConfig(validation=-1).check(64)
 
 
 def test_perplexity_full_cache_matches_plain_forward():

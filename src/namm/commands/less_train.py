@@ -34,6 +34,12 @@ def add_parser(sub) -> None:
     p.add_argument("--rank", type=int, default=8, help="rank R of the state (default 8)")
     p.add_argument("--layers-per-pass", type=int, default=None,
                    help="layers fitted together in one batched pass (default: all; fewer to save memory)")
+    p.add_argument("--validation", type=int, default=4,
+                   help="further training-split sequences never fitted, for early stopping: each layer keeps its "
+                        "weights of lowest loss on them (default 4; 0: no early stopping, keep the last weights)")
+    p.add_argument("--eval-every", type=int, default=20, help="Adam steps between validation checks (default 20)")
+    p.add_argument("--patience", type=int, default=5,
+                   help="stop a pass after this many checks in which no layer improved (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run)
 
@@ -49,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     policy = policy_from_args(args)
     config = TrainConfig(sequences=args.sequences, seq_len=args.seq_len, queries_per_seq=args.queries,
                          steps=args.steps, batch_sequences=args.batch, lr=args.lr, hidden=args.hidden, rank=args.rank,
-                         seed=args.seed, layers_per_pass=args.layers_per_pass)
+                         seed=args.seed, layers_per_pass=args.layers_per_pass, validation=args.validation,
+                         eval_every=args.eval_every, patience=args.patience)
     config.check(policy.n_up)
     out = writable_dir(args.out)
     model, tokenizer = load_model_from_args(args)
@@ -61,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     mean = sum(closed) / len(closed) if closed else 0.0
     speed = record.get("sequences_per_minute")
     rate = f"; {speed:.2f} sequences per minute" if speed else ""
-    print(f"wrote {path} ({len(closed)} layers trained; mean share of the attention-output MSE removed: {mean:.1%}"
+    split = "validation" if args.validation else "training"
+    print(f"wrote {path} ({len(closed)} layers trained; mean share of the attention-output MSE removed on the "
+          f"{split} sequences: {mean:.1%}"
           f"{rate})")
     return 0

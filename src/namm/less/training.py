@@ -10,6 +10,10 @@
    large tensor operations instead of one small loop per layer and sequence. Layers do not share
    parameters, so the summed loss trains each exactly as alone. Minibatches of sequences, Adam,
    on the model's device; each finished pass is saved, so an interrupted run resumes there.
+3. **Early stopping**: a few more sequences of the training split are captured but never fitted.
+   Every ``eval_every`` steps each layer's loss on them is measured and the layer keeps the weights
+   of its best evaluation; the pass stops once no layer has improved for ``patience`` evaluations.
+   The reported losses are those of this validation split.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ LOG_SCALE_GRID = range(-21, 10, 3)  # coarse search of φ's log-scale before Ada
 
 @dataclass
 class TrainConfig:
-    """Sizes of a LESS training run (defaults: 16 sequences of 2048 tokens, all layers per pass)."""
+    """Sizes of a LESS training run (defaults: 16 sequences of 2048 tokens + 4 for early stopping,
+    all layers per pass)."""
 
     sequences: int = 16
     seq_len: int = 2048
@@ -49,14 +54,20 @@ class TrainConfig:
     rank: int = 8
     seed: int = 0
     layers_per_pass: int | None = None
+    validation: int = 4
+    eval_every: int = 20
+    patience: int = 5
 
     def check(self, n_up: int | None) -> None:
         """ValueError on impossible sizes (``n_up`` None: not known before the policy is bound)."""
         if n_up is not None and self.seq_len <= n_up:
             raise ValueError(f"seq_len ({self.seq_len}) must exceed the policy's n_up ({n_up}) so that tokens are evicted")
-        for name in ("sequences", "queries_per_seq", "steps", "batch_sequences", "hidden", "rank"):
+        for name in ("sequences", "queries_per_seq", "steps", "batch_sequences", "hidden", "rank", "eval_every",
+                     "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.validation < 0:
+            raise ValueError("validation must be >= 0")
         if self.layers_per_pass is not None and self.layers_per_pass < 1:
             raise ValueError("layers_per_pass must be >= 1")
         if not self.lr > 0:
@@ -131,12 +142,13 @@ def _mean_loss(params: dict[str, Tensor], data: dict[str, Tensor], o_proj: Tenso
 
 
 def fit_group(params: dict[str, Tensor], data: dict[str, Tensor], o_proj: Tensor, config: TrainConfig,
-              progress: bool = True, desc: str = "") -> list[dict]:
-    """Fit a stack of layers: a coarse search of each layer's log-scale, then Adam on the summed loss.
-    Returns each layer's losses (policy alone, LESS, share of the error removed)."""
+              progress: bool = True, desc: str = "", validation: dict[str, Tensor] | None = None) -> list[dict]:
+    """Fit a stack of layers: a coarse search of each layer's log-scale, then Adam on the summed loss,
+    each layer keeping its weights of lowest ``validation`` loss (early stopping; without validation
+    data, the last weights). Returns each layer's losses (policy alone, LESS, share of the error
+    removed) on the validation data, or on the training data when there is none."""
     gen = torch.Generator().manual_seed(config.seed)
     S = data["q"].shape[0]
-    policy_loss = _mean_loss(params, data, o_proj, config.batch_sequences, use_less=False)
     probe = {k: v[:2] for k, v in data.items()}
     grid = torch.tensor(list(LOG_SCALE_GRID), dtype=torch.float32)
     with torch.no_grad():
@@ -146,10 +158,12 @@ def fit_group(params: dict[str, Tensor], data: dict[str, Tensor], o_proj: Tensor
             scores.append(_mean_loss(params, probe, o_proj, config.batch_sequences))
         best = grid.to(o_proj.device)[torch.stack(scores).argmin(0)]  # (L,)
         params["log_scale"].copy_(best[:, None].expand_as(params["log_scale"]))
+    judge = validation if validation is not None else data
+    stopper = EarlyStopping(params, lambda: _mean_loss(params, judge, o_proj, config.batch_sequences))
     optimizer = torch.optim.Adam(params.values(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
-    bar = tqdm(range(config.steps), desc=desc, leave=False, disable=not progress)
-    for _ in bar:
+    bar = tqdm(range(1, config.steps + 1), desc=desc, leave=False, disable=not progress)
+    for step in bar:
         pick = torch.randperm(S, generator=gen)[: config.batch_sequences].to(o_proj.device)
         loss = group_loss(params, {k: v.index_select(0, pick) for k, v in data.items()}, o_proj).sum()
         optimizer.zero_grad()
@@ -157,21 +171,61 @@ def fit_group(params: dict[str, Tensor], data: dict[str, Tensor], o_proj: Tensor
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{float(loss.detach()):.3g}")
-    less_loss = _mean_loss(params, data, o_proj, config.batch_sequences)
-    return [{"policy_mse": float(p), "less_mse": float(q), "gap_closed": float(1 - q / p) if p > 0 else 0.0}
-            for p, q in zip(policy_loss, less_loss)]
+        if validation is not None and (step % config.eval_every == 0 or step == config.steps):
+            if stopper.check(step) >= config.patience:
+                break
+    if validation is not None:
+        stopper.restore()
+    policy_loss = _mean_loss(params, judge, o_proj, config.batch_sequences, use_less=False)
+    less_loss = _mean_loss(params, judge, o_proj, config.batch_sequences)
+    reports = [{"policy_mse": float(p), "less_mse": float(q), "gap_closed": float(1 - q / p) if p > 0 else 0.0}
+               for p, q in zip(policy_loss, less_loss)]
+    if validation is not None:
+        for report, best_step in zip(reports, stopper.best_step.tolist()):
+            report.update(measured_on="validation", best_step=best_step, last_step=step)
+    return reports
+
+
+class EarlyStopping:
+    """Per-layer best weights of a stack of layers (first axis of every parameter) by a loss."""
+
+    def __init__(self, params: dict[str, Tensor], layer_losses) -> None:
+        self.params, self.layer_losses = params, layer_losses
+        self.best_loss = layer_losses()  # (L,) before any step: a layer never ends worse than it started
+        self.best = {name: p.detach().clone() for name, p in params.items()}
+        self.best_step = torch.zeros_like(self.best_loss, dtype=torch.long)
+        self.stale = 0
+
+    def check(self, step: int) -> int:
+        """Measure now, keep improved layers' weights; returns evaluations since any layer improved."""
+        loss = self.layer_losses()
+        better = loss < self.best_loss
+        for name, p in self.params.items():
+            mask = better.view(-1, *[1] * (p.dim() - 1))
+            self.best[name] = torch.where(mask, p.detach(), self.best[name])
+        self.best_loss = torch.where(better, loss, self.best_loss)
+        self.best_step[better] = step
+        self.stale = 0 if bool(better.any()) else self.stale + 1
+        return self.stale
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(self.best[name])
 
 
 def capture_all(model, tokenizer, policy: MemoryPolicy, data_dir: Path, config: TrainConfig,
-                progress: bool = True) -> tuple[list[Path], int]:
-    """Capture every training sequence into ``data_dir`` (sequences already there are reused).
-    Returns the files and how many were captured now. Training text is the offline corpus's
-    ``train`` split, never the held-out one."""
+                progress: bool = True) -> tuple[list[Path], list[Path], int]:
+    """Capture every training and validation sequence into ``data_dir`` (sequences already there are
+    reused). Returns the training files, the validation files and how many were captured now. All
+    of it is the offline corpus's ``train`` split, never the held-out one; the validation sequences
+    follow the training ones."""
     from namm.tasks.corpus import corpus_tokens
 
-    tokens = corpus_tokens(tokenizer, config.sequences * config.seq_len, split="train", seed=config.seed)
+    total = config.sequences + config.validation
+    tokens = corpus_tokens(tokenizer, total * config.seq_len, split="train", seed=config.seed)
     files, fresh = [], 0
-    for i in tqdm(range(config.sequences), desc="capture", disable=not progress):
+    for i in tqdm(range(total), desc="capture", disable=not progress):
         file = data_dir / f"seq_{i:04d}.safetensors"
         files.append(file)
         if file.is_file():
@@ -182,7 +236,7 @@ def capture_all(model, tokenizer, policy: MemoryPolicy, data_dir: Path, config: 
         save_file({k: v.cpu() for k, v in tensors.items()}, str(file.with_suffix(".partial")))
         file.with_suffix(".partial").replace(file)
         fresh += 1
-    return files, fresh
+    return files[:config.sequences], files[config.sequences:], fresh
 
 
 def train_less(model, tokenizer, policy: MemoryPolicy, out_dir: str | Path, config: TrainConfig,
@@ -205,7 +259,7 @@ def train_less(model, tokenizer, policy: MemoryPolicy, out_dir: str | Path, conf
     settings_file.write_text(json.dumps(settings, indent=2) + "\n")
 
     start = time.perf_counter()
-    files, fresh = capture_all(model, tokenizer, policy, out_dir / "data", config, progress)
+    files, held, fresh = capture_all(model, tokenizer, policy, out_dir / "data", config, progress)
     captured = time.perf_counter()
     with safe_open(str(files[0]), framework="pt") as f:
         trained = sorted({int(key.split(".")[0]) for key in f.keys()})
@@ -219,7 +273,9 @@ def train_less(model, tokenizer, policy: MemoryPolicy, out_dir: str | Path, conf
         params = stack_layers(layers, model.device)
         o_proj = torch.stack([modules[i].o_proj.weight.detach().float() for i in group])
         data = load_group(files, group, model.device)
-        reports = fit_group(params, data, o_proj, config, progress, desc=f"layers {group[0]}-{group[-1]}")
+        validation = load_group(held, group, model.device) if held else None
+        reports = fit_group(params, data, o_proj, config, progress, desc=f"layers {group[0]}-{group[-1]}",
+                            validation=validation)
         unstack_layers(params, layers)
         for i, report in zip(group, reports):
             save_file({k: v.contiguous() for k, v in kernels.layers[i].state_dict().items()}, str(layer_file(i)))
@@ -234,7 +290,7 @@ def train_less(model, tokenizer, policy: MemoryPolicy, out_dir: str | Path, conf
     done = time.perf_counter()
     timing = {"capture_seconds_this_run": round(captured - start, 1), "fit_seconds_this_run": round(done - captured, 1),
               "train_seconds_this_run": round(done - start, 1)}
-    if fresh == config.sequences and len(pending) == len(trained):  # a whole run, nothing reused
-        timing["sequences_per_minute"] = round(config.sequences / ((done - start) / 60), 3)
+    if fresh == len(files) + len(held) and len(pending) == len(trained):  # a whole run, nothing reused
+        timing["sequences_per_minute"] = round((len(files) + len(held)) / ((done - start) / 60), 3)
     provenance = {**settings, "layers": report, **timing}
     return save_less_kernels(out_dir, kernels, provenance)
