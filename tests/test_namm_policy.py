@@ -102,6 +102,8 @@ def test_selection_threshold_uniform_count_newest_and_cap():
     assert floored[0, 1].tolist() == [True, True, False, True, True, False], "a floor keeps a head's top 4"
     assert select_tokens(scores, valid, cap=torch.tensor([2]), floor=torch.tensor([4])).sum(-1).tolist() == [[2, 2]]
     assert select_tokens(scores, valid, floor=torch.tensor([1])).equal(keep), "a floor below the count changes nothing"
+    assert select_tokens(scores, valid, extra=1)[0, 1].tolist() == [True, True, False, True, True, False]
+    assert select_tokens(scores, valid, extra=9).sum(-1).tolist() == [[5, 5]], "never more than the valid slots"
 
 
 def test_neighbour_pool_keeps_a_peak_with_its_neighbours():
@@ -199,6 +201,20 @@ def test_floor_keeps_a_share_of_every_layer_in_threshold_mode_only(model, stats,
     assert namm.make_policy("namm", checkpoint=str(path)).floor == 0.3, "the checkpoint records its floor"
     policy.set_budget(0.1)
     assert policy.floor_count(torch.tensor([100])) is None, "budget mode ignores the floor"
+
+
+def test_extra_tokens_keep_that_many_more_per_layer_in_threshold_mode(model, stats):
+    prompt = random_prompt(100)
+    runs = []
+    for extra in (0, 5):
+        policy = random_namm(stats, 3, threshold=1e9, extra_tokens=extra)  # the cut alone keeps the newest only
+        runs.append(namm.generate(model, None, prompt, policy=policy, max_new_tokens=30, record_history=True))
+    for bare, more in zip(runs[0].history, runs[1].history):
+        assert more.tokens_per_layer == [t + 5 for t in bare.tokens_per_layer]
+    with pytest.raises(ValueError, match="extra_tokens must be an integer >= 0"):
+        namm.make_policy("namm", extra_tokens=-1)
+    with pytest.raises(ValueError, match="raise the budget"):
+        namm.make_policy("namm", extra_tokens=5, budget=0.25)
 
 
 def test_population_batch_equals_single_runs(model, stats):

@@ -51,6 +51,9 @@ def add_policy_args(parser: argparse.ArgumentParser, default: str = "full") -> N
     parser.add_argument("--checkpoint", default=None,
                         help="NAMM checkpoint: a shipped name, a path, or 'zeros' (policy namm only)")
     parser.add_argument("--n-up", type=int, default=None, help="tokens between memory updates (default 512)")
+    parser.add_argument("--extra-tokens", type=int, default=None,
+                        help="NAMM threshold mode: every layer keeps this many more top-scored tokens than the "
+                             "threshold admits (e.g. the bytes of a LESS state, for an equal-memory comparison)")
     add_schedule_arg(parser)
     parser.add_argument("--less", default=None,
                         help="add a LESS low-rank memory of evicted tokens: shipped kernels name "
@@ -67,7 +70,8 @@ def add_schedule_arg(parser: argparse.ArgumentParser) -> None:
 def policy_from_args(args: argparse.Namespace) -> MemoryPolicy:
     """Build the policy the arguments name (on ``args.schedule`` when given), refusing options the
     policy does not take."""
-    options = {"budget": args.budget, "checkpoint": args.checkpoint, "n_up": args.n_up}
+    options = {"budget": args.budget, "checkpoint": args.checkpoint, "n_up": args.n_up,
+               "extra_tokens": getattr(args, "extra_tokens", None)}
     options = {k: v for k, v in options.items() if v is not None}
     accepted = inspect.signature(policy_class(args.policy)).parameters  # unknown names: a ValueError
     for key in options:

@@ -50,9 +50,9 @@ def samples_digest(samples: list[Sample]) -> str:
 def policy_label(policy: MemoryPolicy) -> dict:
     """Name and options of a policy, for config.json, with its compression schedule when it evicts."""
     label = {"policy": policy.name}
-    for key in ("budget", "n_up", "threshold", "checkpoint"):
+    for key in ("budget", "n_up", "threshold", "checkpoint", "extra_tokens"):
         value = getattr(policy, key, None)
-        if value is not None:
+        if value is not None and not (key == "extra_tokens" and value == 0):
             label[key] = value if isinstance(value, (int, float, str)) else repr(value)
     if policy.evicts:
         label["schedule"] = policy.schedule

@@ -37,7 +37,9 @@ class NAMMPolicy(MemoryPolicy):
     top-scored tokens up to the budget. ``pool`` (odd, default the checkpoint's, else 1) max-pools
     each token's score over that many neighbouring slots before selection. ``floor`` (a fraction,
     default the checkpoint's, else none) makes every layer keep, in threshold mode, at least that
-    share of the tokens it has seen, its top-scored ones."""
+    share of the tokens it has seen, its top-scored ones. ``extra_tokens`` (threshold mode) makes
+    every layer keep that many more top-scored tokens than the threshold admits, e.g. to give the
+    NAMM the bytes of a LESS state in an equal-memory comparison."""
 
     checkpoint: str | NAMMCheckpoint | None = None
     threshold: float | None = None
@@ -48,6 +50,7 @@ class NAMMPolicy(MemoryPolicy):
     budget: float | int | str | None = None
     pool: int | None = None
     floor: float | None = None
+    extra_tokens: int = 0
     name = "namm"
 
     def __post_init__(self) -> None:
@@ -63,6 +66,10 @@ class NAMMPolicy(MemoryPolicy):
             check_pool(self.pool, "pool")
         if self.floor is not None:
             check_floor(self.floor, "floor")
+        if isinstance(self.extra_tokens, bool) or int(self.extra_tokens) != self.extra_tokens or self.extra_tokens < 0:
+            raise ValueError(f"extra_tokens must be an integer >= 0, got {self.extra_tokens!r}")
+        if self.extra_tokens and self.budget is not None:
+            raise ValueError("extra_tokens applies to threshold mode; in budget mode raise the budget instead")
         if self.budget is not None and not isinstance(self.budget, Budget):
             Budget(self.budget)  # validates now, before any model is loaded
         if self.scorer is not None:
@@ -204,4 +211,5 @@ class NAMMPolicy(MemoryPolicy):
         if view.sliding_window is not None:
             window = torch.full_like(view.tokens_seen, int(view.sliding_window))
             scores, cap = out_of_window(scores, view.valid, view.positions, view.tokens_seen, window, cap)
-        return select_tokens(scores, view.valid, self.threshold, cap, self.floor_count(view.tokens_seen))
+        return select_tokens(scores, view.valid, self.threshold, cap, self.floor_count(view.tokens_seen),
+                             int(self.extra_tokens))

@@ -23,12 +23,12 @@ def threshold_counts(scores: Tensor, valid: Tensor, threshold: float) -> Tensor:
 
 
 def select_tokens(scores: Tensor, valid: Tensor, threshold: float = 0.0, cap: Tensor | None = None,
-                  floor: Tensor | None = None) -> Tensor:
+                  floor: Tensor | None = None, extra: int = 0) -> Tensor:
     """(B, H, K) keep mask: every head of a row keeps the same count K = max over heads of the
-    tokens at or above ``threshold`` (at least ``floor`` (B,) and at most ``cap`` (B,) when given),
-    its top-K by score, the newest token first. NaN scores rank last."""
+    tokens at or above ``threshold``, plus ``extra`` (at least ``floor`` (B,) and at most ``cap``
+    (B,) when given), its top-K by score, the newest token first. NaN scores rank last."""
     scores = scores.float().nan_to_num(nan=float("-inf"))
-    count = threshold_counts(scores, valid, threshold)
+    count = threshold_counts(scores, valid, threshold) + extra
     if floor is not None:
         count = torch.maximum(count, floor.to(count.device))
     if cap is not None:
