@@ -259,6 +259,27 @@ def test_cli_compare_table_and_plot(tiny_dir, tmp_path):
     assert main(argv[:5] + ["--tasks", "nope", "--out", str(out)]) == 2
 
 
+def test_stopped_compare_keeps_the_table_of_finished_runs(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", tiny_dir, "--policies", "recency,full", "--budgets", "0.25", "--tasks", "passkey",
+            "--length", "600", "--samples", "1", "--n-up", "128", "--out", str(out), "--quiet"]
+    real, calls = runner.evaluate, []
+
+    def stop_on_second_run(*args, **kwargs):
+        calls.append(kwargs.get("out_dir"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate", stop_on_second_run)
+    assert main(argv) == 130  # interrupted (Ctrl-C) during the second run
+    assert [r["policy"] for r in json.loads((out / "results.json").read_text())["rows"]] == ["full"]  # full runs first
+    assert "| passkey | full |" in (out / "results.md").read_text()
+    monkeypatch.setattr(runner, "evaluate", real)
+    assert main(argv) == 0
+    assert [r["policy"] for r in json.loads((out / "results.json").read_text())["rows"]] == ["full", "recency"]
+
+
 def test_cli_namm_and_h2o_with_less_count_the_state_in_every_memory_figure(tiny_dir, tmp_path, capsys):
     from namm.less import KernelConfig, LessKernels, save_less_kernels
 

@@ -68,14 +68,16 @@ def accepts(policy: str, option: str) -> bool:
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
-    """Every (task, policy, budget) to run, validated before any model is loaded. With
-    ``--match-cache`` the matched policy comes first on each task and the others' budget is
-    :data:`MATCHED`; with ``--data-file`` the one task is the file's stem."""
+    """Every (task, policy, budget) to run, validated before any model is loaded. The full cache
+    runs first on each task (its answers are the reference every later row is normalised by); with
+    ``--match-cache`` the matched policy comes before it and the others' budget is :data:`MATCHED`;
+    with ``--data-file`` the one task is the file's stem."""
     from namm.policies.budget import Budget
     from namm.policies.registry import policy_names
     from namm.tasks import task_names
 
     policies = split_list(args.policies, "policies")
+    policies = sorted(policies, key=lambda p: p != "full")  # stable: the others keep their order
     if args.match_cache:
         if args.budgets:
             raise ValueError("--match-cache measures the budgets; drop --budgets")
@@ -129,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace, runs: list[tuple[str, str, str | None]], out: Path) -> int:
-    """Evaluate every planned (task, policy, budget), then write the tables and the plot."""
+    """Evaluate every planned (task, policy, budget); the tables and the plot are rewritten after
+    each finished run, so a stopped command leaves the table of what it finished."""
     from namm.eval.plots import plot_score_vs_cache
     from namm.eval.report import markdown_table, mean_rows, normalized_score, reference_metrics, store_reference
     from namm.eval.runner import PREDICTIONS, evaluate, read_predictions
@@ -160,17 +163,18 @@ def run_plan(args: argparse.Namespace, runs: list[tuple[str, str, str | None]], 
         if policy_name == "full" and not args.question_after_compression:
             store_reference(args.model, model, samples, run_dir)
         done = read_predictions(run_dir / PREDICTIONS)
-        rows.append({**metrics, "sample_scores": [100.0 * done[s.id]["score"] for s in samples]})
-    for row in rows:
-        ref = reference_metrics(model, tokenizer, references[row["task"]], args.model, row["task"],
-                                args.batch_size, show_progress(args))
-        row["reference_score"] = ref["score"]
-        row["normalized_score"] = normalized_score(row["score"], ref["score"])
-    write_results(args, out, rows, markdown_table, mean_rows, plot_score_vs_cache)
+        ref = reference_metrics(model, tokenizer, samples, args.model, task, args.batch_size, show_progress(args))
+        rows.append({**metrics, "sample_scores": [100.0 * done[s.id]["score"] for s in samples],
+                     "reference_score": ref["score"], "normalized_score": normalized_score(metrics["score"],
+                                                                                          ref["score"])})
+        text = write_results(args, out, rows, markdown_table, mean_rows, plot_score_vs_cache)
+    print("\n".join(text[:-3]))
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'score_vs_cache.png'}")
     return 0
 
 
-def write_results(args, out: Path, rows: list[dict], markdown_table, mean_rows, plot) -> None:
+def write_results(args, out: Path, rows: list[dict], markdown_table, mean_rows, plot) -> list[str]:
+    """Write results.md, results.json and the plot of ``rows``; returns the lines of results.md."""
     means = mean_rows(rows)
     command = "namm compare " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["compare"] else ""
     protocol = "query-agnostic" if args.question_after_compression else "query-aware"
@@ -204,5 +208,4 @@ def write_results(args, out: Path, rows: list[dict], markdown_table, mean_rows, 
     (out / "results.json").write_text(json.dumps({"rows": rows, "mean": means}, indent=2) + "\n", encoding="utf-8")
     plot(rows + means, out / "score_vs_cache.png",
          title=f"{args.model}: score vs cache fraction ({length}, n={args.samples} per task)")
-    print("\n".join(text[:-3]))
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'score_vs_cache.png'}")
+    return text
