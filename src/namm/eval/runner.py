@@ -52,7 +52,7 @@ def policy_label(policy: MemoryPolicy) -> dict:
     label = {"policy": policy.name}
     for key in ("budget", "n_up", "threshold", "checkpoint", "extra_tokens"):
         value = getattr(policy, key, None)
-        if value is not None and not (key == "extra_tokens" and value == 0):
+        if value is not None:
             label[key] = value if isinstance(value, (int, float, str)) else repr(value)
     if policy.evicts:
         label["schedule"] = policy.schedule

@@ -159,7 +159,8 @@ def fit_group(params: dict[str, Tensor], data: dict[str, Tensor], o_proj: Tensor
         best = grid.to(o_proj.device)[torch.stack(scores).argmin(0)]  # (L,)
         params["log_scale"].copy_(best[:, None].expand_as(params["log_scale"]))
     judge = validation if validation is not None else data
-    stopper = EarlyStopping(params, lambda: _mean_loss(params, judge, o_proj, config.batch_sequences))
+    stopper = (EarlyStopping(params, lambda: _mean_loss(params, validation, o_proj, config.batch_sequences))
+               if validation is not None else None)
     optimizer = torch.optim.Adam(params.values(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
     bar = tqdm(range(1, config.steps + 1), desc=desc, leave=False, disable=not progress)
@@ -171,16 +172,16 @@ def fit_group(params: dict[str, Tensor], data: dict[str, Tensor], o_proj: Tensor
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{float(loss.detach()):.3g}")
-        if validation is not None and (step % config.eval_every == 0 or step == config.steps):
+        if stopper is not None and (step % config.eval_every == 0 or step == config.steps):
             if stopper.check(step) >= config.patience:
                 break
-    if validation is not None:
+    if stopper is not None:
         stopper.restore()
     policy_loss = _mean_loss(params, judge, o_proj, config.batch_sequences, use_less=False)
     less_loss = _mean_loss(params, judge, o_proj, config.batch_sequences)
     reports = [{"policy_mse": float(p), "less_mse": float(q), "gap_closed": float(1 - q / p) if p > 0 else 0.0}
                for p, q in zip(policy_loss, less_loss)]
-    if validation is not None:
+    if stopper is not None:
         for report, best_step in zip(reports, stopper.best_step.tolist()):
             report.update(measured_on="validation", best_step=best_step, last_step=step)
     return reports

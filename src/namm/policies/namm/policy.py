@@ -50,7 +50,7 @@ class NAMMPolicy(MemoryPolicy):
     budget: float | int | str | None = None
     pool: int | None = None
     floor: float | None = None
-    extra_tokens: int = 0
+    extra_tokens: int | None = None
     name = "namm"
 
     def __post_init__(self) -> None:
@@ -66,7 +66,8 @@ class NAMMPolicy(MemoryPolicy):
             check_pool(self.pool, "pool")
         if self.floor is not None:
             check_floor(self.floor, "floor")
-        if isinstance(self.extra_tokens, bool) or int(self.extra_tokens) != self.extra_tokens or self.extra_tokens < 0:
+        if self.extra_tokens is not None and (isinstance(self.extra_tokens, bool)
+                                              or int(self.extra_tokens) != self.extra_tokens or self.extra_tokens < 0):
             raise ValueError(f"extra_tokens must be an integer >= 0, got {self.extra_tokens!r}")
         if self.extra_tokens and self.budget is not None:
             raise ValueError("extra_tokens applies to threshold mode; in budget mode raise the budget instead")
@@ -212,4 +213,4 @@ class NAMMPolicy(MemoryPolicy):
             window = torch.full_like(view.tokens_seen, int(view.sliding_window))
             scores, cap = out_of_window(scores, view.valid, view.positions, view.tokens_seen, window, cap)
         return select_tokens(scores, view.valid, self.threshold, cap, self.floor_count(view.tokens_seen),
-                             int(self.extra_tokens))
+                             int(self.extra_tokens or 0))
