@@ -5,12 +5,15 @@
 
 For prompts whose reference answer appears verbatim in the context (the NIAH tasks, passkey), each
 prompt is read once with the full cache and recorded on the NAMM's schedule (the proxy recorder,
-docs/algorithm.md §8), and the NAMM's budget-mode selection is replayed on the recording. Reported
-per budget: the share of (layer, KV head) pairs that still hold every token of the answer's first
-occurrence, for the NAMM's own scores and for the normalised DC bin alone (the attention the update's
+docs/algorithm.md §8), and the NAMM's selection is replayed on the recording, in budget mode at each
+budget and, for the entry ``threshold``, in threshold mode at the checkpoint's threshold. Reported
+per mode: the share of (layer, KV head) pairs that still hold every token of the answer's first
+occurrence, the share of the needle's tokens they hold, the share of pairs that hold some of its
+tokens but not all (the selection cuts through the needle), the share of all tokens held, and
+(budgets only) the whole-needle share for the normalised DC bin alone (the attention the update's
 queries paid each token) under the same neighbour pool. When the DC bin keeps the needle and the
-NAMM does not, the scorer's other inputs outweigh the attention signal. Use validation prompts
-(a training task at a fresh seed), not the evaluation suite.
+NAMM does not, the scorer's other inputs outweigh the attention signal. Use validation prompts (a
+training task at a fresh seed), not the evaluation suite.
 """
 
 from __future__ import annotations
@@ -53,6 +56,22 @@ def whole_needle_share(held: Tensor, start: int, length: int) -> float:
     return float(held[:, :, start:start + length].all(-1).float().mean())
 
 
+def needle_token_share(held: Tensor, start: int, length: int) -> float:
+    """Share of the needle's tokens ``start .. start+length-1`` held, over all (layer, head) pairs."""
+    return float(held[:, :, start:start + length].float().mean())
+
+
+def cut_needle_share(held: Tensor, start: int, length: int) -> float:
+    """Share of (layer, head) pairs that hold some of the needle's tokens but not all of them."""
+    part = held[:, :, start:start + length]
+    return float((part.any(-1) & ~part.all(-1)).float().mean())
+
+
+def parse_modes(text: str) -> list[float | None]:
+    """``--budgets`` entries: a budget fraction each, or ``threshold`` (None) for threshold mode."""
+    return [None if b.strip() == "threshold" else float(b) for b in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a NAMM checkpoint on the prompt-end schedule")
@@ -61,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seed", type=int, default=60)
-    p.add_argument("--budgets", default="0.25,0.5")
+    p.add_argument("--budgets", default="0.25,0.5",
+                   help="budget fractions and/or 'threshold' (the checkpoint's threshold mode)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -69,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = namm.load_model(args.model)
     samples = get_task(args.task).samples(tokenizer, args.length, args.samples, seed=args.seed)
     prompts = tokenize_samples(tokenizer, model, [(0, s) for s in samples])
-    budgets = [float(b) for b in args.budgets.split(",")]
-    policy = namm.make_policy("namm", checkpoint=args.checkpoint, budget=budgets[0])
+    modes = parse_modes(args.budgets)
+    policy = namm.make_policy("namm", checkpoint=args.checkpoint)
     policy.bind(model)
     if policy.schedule != "prompt-end":
         raise ValueError(f"the checkpoint runs on the {policy.schedule} schedule; "
@@ -83,12 +103,17 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"prompt {prompt.key}: its answer {sample.answers[0]!r} does not occur in the prompt")
         record = record_prompt(model, policy, prompt.token_ids, prompt.answer_ids, prompt.key, prompt.task)
         row = {"prompt": prompt.key, "needle_start": start, "needle_tokens": len(answer)}
-        for budget in budgets:
+        for budget in modes:
             policy.set_budget(budget)
+            tag = "threshold" if budget is None else budget
             held = replay(record, policy, policy.params[None])[0]
-            row[f"namm@{budget}"] = whole_needle_share(held, start, len(answer))
-            by_dc = dc_held(record.features[-1], policy.features.recency_dims, policy.pool, budget)
-            row[f"dc@{budget}"] = whole_needle_share(by_dc, start, len(answer))
+            row[f"namm@{tag}"] = whole_needle_share(held, start, len(answer))
+            row[f"namm_tokens@{tag}"] = needle_token_share(held, start, len(answer))
+            row[f"namm_cut@{tag}"] = cut_needle_share(held, start, len(answer))
+            row[f"held@{tag}"] = float(held.float().mean())
+            if budget is not None:
+                by_dc = dc_held(record.features[-1], policy.features.recency_dims, policy.pool, budget)
+                row[f"dc@{tag}"] = whole_needle_share(by_dc, start, len(answer))
         print(json.dumps(row), flush=True)
         rows.append(row)
     summary = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0] if "@" in key}

@@ -25,3 +25,16 @@ def test_dc_ranking_keeps_the_attended_run_and_its_neighbours():
     assert module.whole_needle_share(module.dc_held(features, recency, pool=1, budget=0.1), 19, 3) == 0.0
     held[0, 0, 21] = False
     assert module.whole_needle_share(held, 19, 3) == pytest.approx(1 - 1 / (L * H))
+
+
+def test_modes_and_the_share_of_needle_tokens_held():
+    module = load_benchmark("needle_kept")
+    assert module.parse_modes("threshold,0.25") == [None, 0.25]
+    held = torch.ones(2, 2, 10, dtype=torch.bool)
+    held[0, 0, 4] = False  # one pair drops one of the needle's 4 tokens (3..6)
+    assert module.whole_needle_share(held, 3, 4) == pytest.approx(0.75)
+    assert module.needle_token_share(held, 3, 4) == pytest.approx(1 - 1 / 16)
+    assert module.needle_token_share(held, 7, 3) == 1.0
+    assert module.cut_needle_share(held, 3, 4) == pytest.approx(0.25)
+    held[1, 1, 3:7] = False  # a pair without any needle token is not a cut
+    assert module.cut_needle_share(held, 3, 4) == pytest.approx(0.25)
