@@ -225,6 +225,13 @@ def table_rows(namm_arms: dict[tuple, Arm], kv_arms: dict[tuple, Arm], tasks: li
     return out
 
 
+def is_partial(rows: list[dict], tasks: list[str]) -> bool:
+    """Whether the table lacks an arm: a (task, protocol, press) row (KVzip runs query-agnostic only)
+    or either side of a row that has a namm counterpart."""
+    expected = len(tasks) * (len(PROTOCOLS) * len(PAIRS) - 1)
+    return len(rows) < expected or any("kvpress" not in r or (r["policy"] and "namm" not in r) for r in rows)
+
+
 def _score(side: dict | None) -> str:
     if side is None:
         return "–"
@@ -266,8 +273,8 @@ def partial_note(meta: dict) -> str:
     """The warning above a table written by ``--table-only`` (empty for a complete run)."""
     if not meta.get("partial"):
         return ""
-    return ("**Partial table** (`--table-only`): it holds only the arms that had covered every prompt of their "
-            "task when it was written; a missing row has not finished yet, it was not left out.\n\n")
+    return ("**Partial table**: it holds only the arms that had covered every prompt of their task when it was "
+            "written; a missing row has not finished yet, it was not left out.\n\n")
 
 
 def write_results(out: Path, rows: list[dict], meta: dict) -> None:
@@ -278,7 +285,7 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
     findings = kept_findings(md)
     header = f"""# namm versus kvpress: the same presses on the same prompts
 
-{partial_note(meta)}Reproduce{'' if meta.get('partial') else f" (about {meta['wall_minutes']:.0f} minutes here)"}:
+{partial_note(meta)}Reproduce (resumable: the same command continues an interrupted run):
 
 ```bash
 python3 -m venv /work/kvpress-venv
@@ -300,8 +307,8 @@ seen, prompt and answer). KV = KV bytes after each compression / the full cache'
 (kvpress's KVzip masks keys instead of dropping them: its KV is the unmasked share). Intervals:
 percentile bootstrap, 1000 resamples (namm's `bootstrap_interval`); the difference is paired over
 the same prompts, and one whose interval excludes 0 is marked **beyond noise**. "same answer": the
-share of prompts where both sides gave the same text. Run with one thread per side beside a running
-evolution campaign on a 2-core machine, so no timings are reported.
+share of prompts where both sides gave the same text. Each side runs on one thread; the runs behind
+this table shared a 2-core machine with other jobs, so no timings are reported.
 
 """
     md.write_text(header + markdown(rows) + "\n\n" + (findings or f"{FINDINGS}\n\n(to be written)\n"),
@@ -368,8 +375,10 @@ def main(argv: list[str] | None = None) -> None:
             "kvpress_version": versions[0], "kvpress_transformers": versions[1],
             "namm_transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "context_plus_question_is_prompt": f"{split_same}/{len(records)}",
-            "wall_minutes": (time.perf_counter() - start) / 60, "partial": a.table_only}
-    write_results(a.out, table_rows(namm_arms, kv_arms, tasks), meta)
+            "wall_minutes_this_call": (time.perf_counter() - start) / 60}
+    rows = table_rows(namm_arms, kv_arms, tasks)
+    meta["partial"] = is_partial(rows, tasks)
+    write_results(a.out, rows, meta)
     print(f"wrote {a.out.with_suffix('.md')} and {a.out.with_suffix('.json')}", file=sys.stderr)
 
 

@@ -33,7 +33,7 @@ def test_table_rows_flags_only_real_differences(xc):
 
 def test_findings_survive_a_rewrite(xc, tmp_path):
     out = tmp_path / "kvpress"
-    meta = {"wall_minutes": 1.0, "kvpress_version": "0", "kvpress_transformers": "0", "namm_transformers": "0",
+    meta = {"kvpress_version": "0", "kvpress_transformers": "0", "namm_transformers": "0",
             "model": "m", "tasks": ["passkey"], "length": 64, "samples": 1}
     xc.write_results(out, [], meta)
     md = out.with_suffix(".md")
@@ -64,8 +64,23 @@ def test_table_only_reads_finished_namm_arms_and_marks_the_table_partial(xc, tmp
     assert set(arms) == {("passkey", "query-aware", "full"), ("passkey", "query-agnostic", "full"),
                          ("passkey", "query-aware", "snapkv")}
     assert arms[("passkey", "query-aware", "snapkv")].scores == [100.0, 0.0, 0.0]
-    meta = {"wall_minutes": 0.01, "kvpress_version": "0", "kvpress_transformers": "0", "namm_transformers": "0",
+    meta = {"kvpress_version": "0", "kvpress_transformers": "0", "namm_transformers": "0",
             "model": "m", "tasks": ["passkey"], "length": 64, "samples": 3, "partial": True}
     xc.write_results(tmp_path / "kvpress", [], meta)
-    text = (tmp_path / "kvpress.md").read_text()
-    assert "**Partial table**" in text and "minutes here" not in text
+    assert "**Partial table**" in (tmp_path / "kvpress.md").read_text()
+    xc.write_results(tmp_path / "kvpress", [], {**meta, "partial": False})
+    assert "**Partial table**" not in (tmp_path / "kvpress.md").read_text()
+
+
+def test_a_table_is_partial_until_every_arm_of_both_sides_is_in(xc):
+    side = {"n": 1, "score": 0.0, "score_ci": (0.0, 0.0), "kv_fraction": 0.5, "schedule": None}
+    rows = [{"task": "passkey", "protocol": protocol, "press": press, "policy": policy, "kvpress": side,
+             **({"namm": side} if policy else {})}
+            for protocol in xc.PROTOCOLS for press, policy in xc.PAIRS
+            if not (press == "KVzip" and protocol == "query-aware")]
+    assert not xc.is_partial(rows, ["passkey"])
+    assert xc.is_partial(rows[1:], ["passkey"])  # a row missing
+    assert xc.is_partial(rows, ["passkey", "niah_single"])  # a task missing
+    without_namm = [dict(r) for r in rows]
+    del without_namm[1]["namm"]
+    assert xc.is_partial(without_namm, ["passkey"])
