@@ -228,8 +228,10 @@ def table_rows(namm_arms: dict[tuple, Arm], kv_arms: dict[tuple, Arm], tasks: li
 def is_partial(rows: list[dict], tasks: list[str]) -> bool:
     """Whether the table lacks an arm: a (task, protocol, press) row (KVzip runs query-agnostic only)
     or either side of a row that has a namm counterpart."""
-    expected = len(tasks) * (len(PROTOCOLS) * len(PAIRS) - 1)
-    return len(rows) < expected or any("kvpress" not in r or (r["policy"] and "namm" not in r) for r in rows)
+    expected = {(task, protocol, press) for task in tasks for protocol in PROTOCOLS for press, _ in PAIRS
+                if not (press == "KVzip" and protocol == QUERY_AWARE)}
+    present = {(r["task"], r["protocol"], r["press"]) for r in rows}
+    return not expected <= present or any("kvpress" not in r or (r["policy"] and "namm" not in r) for r in rows)
 
 
 def _score(side: dict | None) -> str:
@@ -270,7 +272,7 @@ def kept_findings(path: Path) -> str:
 
 
 def partial_note(meta: dict) -> str:
-    """The warning above a table written by ``--table-only`` (empty for a complete run)."""
+    """The warning above a table that lacks an arm (empty for a complete table)."""
     if not meta.get("partial"):
         return ""
     return ("**Partial table**: it holds only the arms that had covered every prompt of their task when it was "
