@@ -2,18 +2,21 @@
 
     python benchmarks/needle_kept.py --checkpoint runs/NAME [--model qwen2.5-coder-0.5b] \\
         [--task niah_multikey] [--length 2048] [--samples 8] [--seed 60] [--budgets 0.25,0.5] [--out FILE.json]
+        [--budgets threshold,threshold+floor=0.35+max_fraction=0.5,0.25+pool=13]
 
 For prompts whose reference answer appears verbatim in the context (the NIAH tasks, passkey), each
 prompt is read once with the full cache and recorded on the NAMM's schedule (the proxy recorder,
 docs/algorithm.md §8), and the NAMM's selection is replayed on the recording, in budget mode at each
-budget and, for the entry ``threshold``, in threshold mode at the checkpoint's threshold. Reported
-per mode: the share of (layer, KV head) pairs that still hold every token of the answer's first
-occurrence, the share of the needle's tokens they hold, the share of pairs that hold some of its
-tokens but not all (the selection cuts through the needle), the share of all tokens held, and
-(budgets only) the whole-needle share for the normalised DC bin alone (the attention the update's
-queries paid each token) under the same neighbour pool. When the DC bin keeps the needle and the
-NAMM does not, the scorer's other inputs outweigh the attention signal. Use validation prompts (a
-training task at a fresh seed), not the evaluation suite.
+budget and, for the entry ``threshold``, in threshold mode at the checkpoint's threshold. A mode may
+change the selection with ``+threshold=T`` (threshold mode's cut), ``+floor=F``, ``+pool=P`` or
+``+max_fraction=M``; one recording serves every variant, since they share the checkpoint's features
+and scorer. Reported per mode: the share of (layer, KV head) pairs that still hold every token of
+the answer's first occurrence, the share of the needle's tokens they hold, the share of pairs that
+hold some of its tokens but not all (the selection cuts through the needle), the share of all tokens
+held, and (budgets only) the whole-needle share for the normalised DC bin alone (the attention the
+update's queries paid each token) under the same neighbour pool. When the DC bin keeps the needle
+and the NAMM does not, the scorer's other inputs outweigh the attention signal. Use validation
+prompts (a training task at a fresh seed), not the evaluation suite.
 """
 
 from __future__ import annotations
@@ -67,9 +70,25 @@ def cut_needle_share(held: Tensor, start: int, length: int) -> float:
     return float((part.any(-1) & ~part.all(-1)).float().mean())
 
 
+SELECTION_OPTIONS = {"threshold": float, "floor": float, "pool": int, "max_fraction": float}
+
+
+def parse_mode(entry: str) -> tuple[float | None, dict]:
+    """One ``--budgets`` entry: (budget fraction, or None for threshold mode; selection options),
+    e.g. ``threshold+floor=0.35+max_fraction=0.5`` -> (None, {"floor": 0.35, "max_fraction": 0.5})."""
+    head, *changes = entry.strip().split("+")
+    options = {}
+    for change in changes:
+        name, _, value = change.partition("=")
+        if name not in SELECTION_OPTIONS or not value:
+            raise ValueError(f"mode {entry!r}: expected +NAME=VALUE with NAME one of {', '.join(SELECTION_OPTIONS)}")
+        options[name] = SELECTION_OPTIONS[name](value)
+    return (None if head == "threshold" else float(head)), options
+
+
 def parse_modes(text: str) -> list[float | None]:
-    """``--budgets`` entries: a budget fraction each, or ``threshold`` (None) for threshold mode."""
-    return [None if b.strip() == "threshold" else float(b) for b in text.split(",")]
+    """``--budgets`` entries without selection options: a budget fraction each, or None (threshold)."""
+    return [parse_mode(entry)[0] for entry in text.split(",")]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seed", type=int, default=60)
     p.add_argument("--budgets", default="0.25,0.5",
-                   help="budget fractions and/or 'threshold' (the checkpoint's threshold mode)")
+                   help="budget fractions and/or 'threshold' (the checkpoint's threshold mode), each optionally "
+                        "with +threshold=T, +floor=F, +pool=P, +max_fraction=M changing the selection")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -89,9 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = namm.load_model(args.model)
     samples = get_task(args.task).samples(tokenizer, args.length, args.samples, seed=args.seed)
     prompts = tokenize_samples(tokenizer, model, [(0, s) for s in samples])
-    modes = parse_modes(args.budgets)
+    modes = [(entry.strip(), *parse_mode(entry)) for entry in args.budgets.split(",")]
     policy = namm.make_policy("namm", checkpoint=args.checkpoint)
     policy.bind(model)
+    variants = {tag: namm.make_policy("namm", checkpoint=policy.loaded_checkpoint, **options)
+                for tag, _, options in modes}
     if policy.schedule != "prompt-end":
         raise ValueError(f"the checkpoint runs on the {policy.schedule} schedule; "
                          "this diagnostic replays prompt-end only")
@@ -103,16 +125,16 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"prompt {prompt.key}: its answer {sample.answers[0]!r} does not occur in the prompt")
         record = record_prompt(model, policy, prompt.token_ids, prompt.answer_ids, prompt.key, prompt.task)
         row = {"prompt": prompt.key, "needle_start": start, "needle_tokens": len(answer)}
-        for budget in modes:
-            policy.set_budget(budget)
-            tag = "threshold" if budget is None else budget
-            held = replay(record, policy, policy.params[None])[0]
+        for tag, budget, _ in modes:
+            variant = variants[tag]
+            variant.set_budget(budget)
+            held = replay(record, variant, variant.params[None])[0]
             row[f"namm@{tag}"] = whole_needle_share(held, start, len(answer))
             row[f"namm_tokens@{tag}"] = needle_token_share(held, start, len(answer))
             row[f"namm_cut@{tag}"] = cut_needle_share(held, start, len(answer))
             row[f"held@{tag}"] = float(held.float().mean())
             if budget is not None:
-                by_dc = dc_held(record.features[-1], policy.features.recency_dims, policy.pool, budget)
+                by_dc = dc_held(record.features[-1], variant.features.recency_dims, variant.pool, budget)
                 row[f"dc@{tag}"] = whole_needle_share(by_dc, start, len(answer))
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -38,3 +38,11 @@ def test_modes_and_the_share_of_needle_tokens_held():
     assert module.cut_needle_share(held, 3, 4) == pytest.approx(0.25)
     held[1, 1, 3:7] = False  # a pair without any needle token is not a cut
     assert module.cut_needle_share(held, 3, 4) == pytest.approx(0.25)
+
+
+def test_modes_with_selection_changes():
+    module = load_benchmark("needle_kept")
+    assert module.parse_mode("threshold+floor=0.35+max_fraction=0.5") == (None, {"floor": 0.35, "max_fraction": 0.5})
+    assert module.parse_mode(" 0.25+pool=13") == (0.25, {"pool": 13})
+    with pytest.raises(ValueError, match="expected"):
+        module.parse_mode("threshold+width=3")

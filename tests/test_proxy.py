@@ -328,8 +328,26 @@ def test_cli_budget_evolution_then_finalize(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     floored = load_namm_checkpoint(tmp_path / "f.json").config["selection"]
     assert floored["floor"] == 0.45 and floored["threshold_fraction_train"] >= 0.45
+    code = main(["finalize", "--run", str(run), "--checkpoint", str(mean), "--target", "0.5", "--pool", "5",
+                 "--prompts", "2", "--out", str(tmp_path / "p.json")])
+    assert code == 0, capsys.readouterr().err
+    pooled = load_namm_checkpoint(tmp_path / "p.json").config["selection"]
+    assert pooled["pool"] == 5 and namm.make_policy("namm", checkpoint=str(tmp_path / "p.json")).pool == 5
+    assert pooled["threshold"] > picked.config["selection"]["threshold"]  # a wider pool needs a higher cut
+    given = picked.config["selection"]["threshold"]
+    code = main(["finalize", "--run", str(run), "--checkpoint", str(mean), "--threshold", str(given),
+                 "--prompts", "2", "--out", str(tmp_path / "t.json")])
+    assert code == 0 and "given cut" in capsys.readouterr().out
+    chosen = load_namm_checkpoint(tmp_path / "t.json").config["selection"]
+    assert chosen["threshold"] == given and "threshold_target" not in chosen
+    assert chosen["threshold_fraction_train"] == pytest.approx(picked.config["selection"]["threshold_fraction_train"])
+    with pytest.raises(SystemExit):
+        main(["finalize", "--run", str(run), "--target", "0.5", "--threshold", "0.1", "--out", str(tmp_path / "x.json")])
+    assert "not allowed with argument" in capsys.readouterr().err
     code = main(["finalize", "--run", str(run), "--target", "0.3", "--floor", "0.4", "--out", str(tmp_path / "x.json")])
     assert code != 0 and "exceeds --target" in capsys.readouterr().err
+    code = main(["finalize", "--run", str(run), "--target", "0.3", "--pool", "4", "--out", str(tmp_path / "x.json")])
+    assert code != 0 and "--pool must be an odd integer" in capsys.readouterr().err
     code = main(["evolve", "--model", str(model_dir), "--tasks", "passkey", "--length", "300,x", "--generations", "1",
                  "--out", str(tmp_path / "bad")])
     assert code == 2 and "--length takes comma-separated integers" in capsys.readouterr().err

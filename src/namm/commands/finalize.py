@@ -22,11 +22,17 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="the run's checkpoint to finalize, e.g. RUN/means/gen-0030 picked on validation prompts "
                         "(default: RUN/best, the best mean on the training prompts)")
-    p.add_argument("--target", type=float, default=0.35,
-                   help="mean KV fraction threshold mode should hold on the training prompts (default 0.35)")
+    cut = p.add_mutually_exclusive_group()
+    cut.add_argument("--target", type=float, default=None,
+                     help="mean KV fraction threshold mode should hold on the training prompts (default 0.35)")
+    cut.add_argument("--threshold", type=float, default=None,
+                     help="use this score cut instead (e.g. one picked on validation prompts with "
+                          "benchmarks/needle_kept.py); the training prompts' KV fraction under it is reported")
     p.add_argument("--floor", type=float, default=None,
                    help="also make every layer keep at least this fraction of its tokens in threshold mode "
                         "(default: the checkpoint's floor, if any)")
+    p.add_argument("--pool", type=int, default=None,
+                   help="neighbour pool of the selection (odd; default: the checkpoint's); the threshold is set for it")
     p.add_argument("--prompts", type=int, default=16, help="training prompts used for the calibration (default 16)")
     add_device_args(p)
     p.add_argument("--out", required=True, help="checkpoint path: FILE.json / FILE.safetensors, or a folder")
@@ -35,9 +41,9 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from namm.evolve.proxy import ProxyScorer
-    from namm.evolve.threshold import calibrate_threshold
+    from namm.evolve.threshold import calibrate_threshold, mean_fraction
     from namm.evolve.trainer import Trainer, build_policy, load_run_config
-    from namm.policies.namm.checkpoint import check_floor, load_namm_checkpoint, save_namm_checkpoint
+    from namm.policies.namm.checkpoint import check_floor, check_pool, load_namm_checkpoint, save_namm_checkpoint
 
     set_threads(args)
     run_dir = Path(args.run_dir)
@@ -45,26 +51,34 @@ def run(args: argparse.Namespace) -> int:
     best = load_namm_checkpoint(args.checkpoint or str(run_dir / "best"))
     if args.prompts < 1:
         raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
+    target = 0.35 if args.target is None and args.threshold is None else args.target
     floor = best.config.get("selection", {}).get("floor") if args.floor is None else args.floor
     if floor is not None:
         check_floor(floor, "--floor")
-        if floor > args.target:
-            raise ValueError(f"--floor {floor} exceeds --target {args.target}: the floor alone keeps more")
+        if target is not None and floor > target:
+            raise ValueError(f"--floor {floor} exceeds --target {target}: the floor alone keeps more")
+    if args.pool is not None:
+        check_pool(args.pool, "--pool")
     writable_dir(str(Path(args.out).parent if Path(args.out).suffix else Path(args.out)))
     model, tokenizer = load_model_from_args(args, config.model)
-    pool = Trainer(config, run_dir, model, tokenizer, progress=False).pool
-    prompts = pool[:: max(1, len(pool) // args.prompts)][: args.prompts]
+    training = Trainer(config, run_dir, model, tokenizer, progress=False).pool
+    prompts = training[:: max(1, len(training) // args.prompts)][: args.prompts]
     policy = build_policy(run_dir / "normalization", config)
     policy.floor = floor
+    policy.pool = best.config.get("selection", {}).get("pool", 1) if args.pool is None else args.pool
     records = ProxyScorer(model, policy, progress=show_progress(args)).record(prompts)
-    threshold, fraction = calibrate_threshold(records, policy, best.params, args.target)
-    selection = {**best.config.get("selection", {}), "threshold": threshold, "threshold_target": args.target,
-                 "threshold_fraction_train": fraction, "threshold_prompts": len(prompts)}
+    if target is None:
+        threshold, fraction = args.threshold, mean_fraction(records, policy, best.params, args.threshold)
+    else:
+        threshold, fraction = calibrate_threshold(records, policy, best.params, target)
+    selection = {key: value for key, value in best.config.get("selection", {}).items() if key != "threshold_target"}
+    selection.update(threshold=threshold, pool=policy.pool, threshold_fraction_train=fraction,
+                     threshold_prompts=len(prompts), **({} if target is None else {"threshold_target": target}))
     if floor is not None:
         selection["floor"] = floor
     provenance = {**best.provenance, "finalized_from": str(args.checkpoint or run_dir / "best")}
     path = save_namm_checkpoint(args.out, best.params, best.mean, best.std, {**best.config, "selection": selection},
                                 provenance)
     print(f"threshold {threshold:.6g}: mean KV fraction {fraction:.3f} on {len(prompts)} training prompts "
-          f"(target {args.target}); checkpoint {path}")
+          f"({'given cut' if target is None else f'target {target}'}); checkpoint {path}")
     return 0
