@@ -14,6 +14,11 @@ it runs ``namm compare`` (resumable: rerun the same command to continue):
 * threshold mode (with ``--threshold-checkpoint``): the NAMM on its threshold, then every baseline at
   the NAMM's measured mean KV fraction per task, on both schedules.
 
+``--baselines-from DIR`` reuses the baseline runs of an earlier acceptance folder (same layout) instead
+of running them: for a NAMM that changed only its selection, whose measured fraction is at most the
+one those baselines were run at; each row then says whether every baseline holds at least the NAMM's
+KV bytes. ``--budgets ''`` skips budget mode.
+
 Each baseline is then taken on whichever schedule scores best for it on that task, length and
 budget, and ``OUT/README.md`` / ``OUT/summary.json`` say, row by row, whether the NAMM is above every
 baseline and (threshold mode) whether it keeps >= 95% of the full cache's score at <= 0.5 of its
@@ -34,6 +39,7 @@ from namm.policies.namm.checkpoint import load_namm_checkpoint
 from namm.policies.registry import make_policy
 
 BASELINES = "recency,streaming,h2o,l2,tova,random"
+KV_TOLERANCE = 5e-4  # a matched budget is written with four decimals
 SCHEDULES = ("progressive", "prompt-end")
 
 
@@ -57,17 +63,33 @@ def namm_protocol(args: argparse.Namespace) -> str:
     return load_namm_checkpoint(args.checkpoint).provenance.get("protocol", "query-agnostic")
 
 
+def baseline_runs(args: argparse.Namespace, length: int, name: str, tasks: str, schedule: str,
+                  budget_args: list[str]) -> list[dict]:
+    """Rows of one baseline run: run (or resume) it in OUT, or with ``--baselines-from`` read it from
+    that folder (no rows when it holds no such run)."""
+    if getattr(args, "baselines_from", None):
+        results = Path(args.baselines_from) / f"L{length}" / name / "results.json"
+        if not results.exists():
+            print(f"no baseline run {results}; its rows are left out", flush=True)
+            return []
+        return json.loads(results.read_text())["rows"]
+    return compare(Path(args.out) / f"L{length}" / name, length, args, args.baselines, tasks, schedule, budget_args,
+                   args.checkpoint)["rows"]
+
+
 def runs_of(args: argparse.Namespace, length: int) -> list[tuple[str, list[dict]]]:
     """(mode, rows) of every compare run for one length."""
     root = Path(args.out) / f"L{length}"
     own = make_policy("namm", checkpoint=args.checkpoint).schedule  # the NAMM runs on its checkpoint's schedule
     protocol = namm_protocol(args)
     agnostic = protocol == "query-agnostic"
-    done = [("budget", compare(root / f"budget-namm-{own}-{protocol}", length, args, "full,namm", args.tasks, own,
-                               ["--budgets", args.budgets], args.checkpoint, agnostic)["rows"])]
-    for schedule in SCHEDULES:
-        done.append(("budget", compare(root / f"budget-{schedule}", length, args, args.baselines, args.tasks, schedule,
-                                       ["--budgets", args.budgets], args.checkpoint)["rows"]))
+    done = []
+    if args.budgets:
+        done.append(("budget", compare(root / f"budget-namm-{own}-{protocol}", length, args, "full,namm", args.tasks,
+                                       own, ["--budgets", args.budgets], args.checkpoint, agnostic)["rows"]))
+        for schedule in SCHEDULES:
+            done.append(("budget", baseline_runs(args, length, f"budget-{schedule}", args.tasks, schedule,
+                                                 ["--budgets", args.budgets])))
     if args.threshold_checkpoint:
         threshold_own = make_policy("namm", checkpoint=args.threshold_checkpoint).schedule
         rows = compare(root / f"threshold-namm-{threshold_own}-{protocol}", length, args, "namm", args.tasks,
@@ -75,8 +97,8 @@ def runs_of(args: argparse.Namespace, length: int) -> list[tuple[str, list[dict]
         done.append(("threshold", rows))
         for r in [r for r in rows if r["policy"] == "namm"]:  # the baselines at the NAMM's measured fraction
             for schedule in SCHEDULES:
-                again = compare(root / f"threshold-{schedule}-{r['task']}", length, args, args.baselines, r["task"],
-                                schedule, ["--budgets", matched_budget(r["kv_fraction"])], args.checkpoint)["rows"]
+                again = baseline_runs(args, length, f"threshold-{schedule}-{r['task']}", r["task"], schedule,
+                                      ["--budgets", matched_budget(r["kv_fraction"])])
                 done.append(("threshold", again))
     return done
 
@@ -102,8 +124,11 @@ def verdicts(runs: list[tuple[str, dict]], length: int, baselines: list[str]) ->
                     g["baselines"][r["policy"]] = r
     lines = []
     for (mode, task, budget), g in sorted(groups.items()):
-        namm, ref = g.get("namm"), full.get(task)
-        if namm is None or ref is None:
+        namm = g.get("namm")
+        if namm is None:
+            continue
+        ref = full.get(task, {"score": namm.get("reference_score")})  # compare's cached full-cache score
+        if ref["score"] is None:
             continue
         beaten = [b for b in baselines if b in g["baselines"] and namm["score"] > g["baselines"][b]["score"]]
         minus = {b: paired_difference(namm["sample_scores"], r["sample_scores"]) for b, r in g["baselines"].items()}
@@ -115,6 +140,8 @@ def verdicts(runs: list[tuple[str, dict]], length: int, baselines: list[str]) ->
                                   "kv_fraction": r["kv_fraction"], "namm_minus": minus[b][0],
                                   "namm_minus_ci": list(minus[b][1])} for b, r in sorted(g["baselines"].items())},
                 "above_every_baseline": len(beaten) == len(baselines),
+                "baselines_hold_at_least_namm_kv": all(r["kv_fraction"] >= namm["kv_fraction"] - KV_TOLERANCE
+                                                       for r in g["baselines"].values()),
                 "significantly_above_every_baseline": all(b in minus and minus[b][1][0] > 0 for b in baselines)}
         if mode == "threshold":
             line["keeps_95_at_half"] = (line["normalised"] or 0) >= 95.0 and namm["kv_fraction"] <= 0.5
@@ -138,6 +165,8 @@ def markdown(lines: list[dict], baselines: list[str], args: argparse.Namespace) 
         verdict = "yes" if ln["above_every_baseline"] else "no"
         if ln["mode"] == "threshold":
             verdict += "; ≥95% of full at ≤0.5 KV: " + ("yes" if ln["keeps_95_at_half"] else "no")
+        if not ln["baselines_hold_at_least_namm_kv"]:
+            verdict += "; a baseline holds less KV than the NAMM"
         out.append("| " + " | ".join(cells + [verdict]) + " |")
     paired_head = ["mode", "task", "length", "budget", *(f"− {b}" for b in baselines), "interval above 0 for all"]
     paired = ["| " + " | ".join(paired_head) + " |", "|" + "---|" * len(paired_head)]
@@ -159,7 +188,8 @@ def markdown(lines: list[dict], baselines: list[str], args: argparse.Namespace) 
         "interval over samples. Budget mode: every policy at the row's budget (a memory budget in KV bytes). "
         "Threshold mode: baselines at the NAMM's measured mean KV fraction on the task. The runs behind each "
         "row are in `L<length>/<mode>-<schedule>/` (results.md there has KV bytes, peaks and tokens/s).",
-        "",
+        *([f"The baseline runs are read from `{args.baselines_from}` (run for an earlier NAMM; a row whose "
+           "baselines hold less KV than this NAMM says so).", ""] if getattr(args, "baselines_from", None) else [""]),
         f"Reproduce: `python benchmarks/namm_acceptance.py {' '.join(sys.argv[1:])}`",
         "",
         *out,
@@ -186,8 +216,11 @@ def main() -> int:
     p.add_argument("--lengths", default="2048,4096",
                    help="comma-separated prompt lengths in tokens (default 2048,4096)")
     p.add_argument("--budgets", default="0.25,0.5", help="budget-mode rows: comma-separated KV fractions "
-                                                         "(default 0.25,0.5)")
+                                                         "(default 0.25,0.5; '' for none)")
     p.add_argument("--baselines", default=BASELINES, help=f"comma-separated baseline policies (default {BASELINES})")
+    p.add_argument("--baselines-from", default=None, metavar="DIR",
+                   help="read the baseline runs from an earlier acceptance folder instead of running them (for a "
+                        "NAMM whose measured fraction is at most the one they ran at)")
     p.add_argument("--samples", type=int, default=32, help="prompts per task and length (default 32)")
     p.add_argument("--seed", type=int, default=100, help="seed of the evaluation prompts; keep it apart from "
                                                          "training and validation seeds (default 100)")

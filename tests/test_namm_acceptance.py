@@ -95,3 +95,34 @@ def test_the_threshold_call_plans_the_namm_without_a_budget(acc, monkeypatch, tm
     acc.compare(tmp_path, 2048, args, "namm", "passkey", "prompt-end", [], "ckpt")
     assert plan(build_parser().parse_args(seen[1])) == [("passkey", "namm", "0.25"), ("passkey", "namm", "0.5")], \
         "without --match-cache compare falls back to its default budgets (the bug this guards against)"
+
+
+def test_baselines_read_from_an_earlier_folder(acc, monkeypatch, tmp_path):
+    """--baselines-from: the NAMM runs, the baselines are read (not run); a missing run is left out;
+    rows say whether every baseline holds at least the NAMM's KV; --budgets '' skips budget mode."""
+    import json
+
+    calls = []
+
+    def fake_compare(out, length, args, policies, tasks, sched, budget_args, checkpoint, query_agnostic=True):
+        calls.append(policies)
+        return {"rows": [{**row("namm", 78.0, kv=0.45), "reference_score": 80.0}]}
+
+    monkeypatch.setattr(acc, "compare", fake_compare)
+    monkeypatch.setattr(acc, "make_policy", lambda *a, **k: argparse.Namespace(schedule="prompt-end"))
+    earlier = tmp_path / "earlier" / "L2048" / "threshold-progressive-niah_single"
+    earlier.mkdir(parents=True)
+    (earlier / "results.json").write_text(json.dumps({"rows": [row("streaming", 60.0, "0.4900", kv=0.49)]}))
+    args = argparse.Namespace(out=str(tmp_path / "out"), checkpoint="c", baselines="streaming", tasks="niah_single",
+                              budgets="", threshold_checkpoint="t", namm_protocol="query-aware",
+                              baselines_from=str(tmp_path / "earlier"))
+    runs = acc.runs_of(args, 2048)
+    assert calls == ["namm"], "only the threshold NAMM runs; no budget mode, no baseline runs"
+    (line,) = acc.verdicts(runs, 2048, ["streaming"])
+    assert line["baselines"]["streaming"]["kv_fraction"] == 0.49 and line["baselines_hold_at_least_namm_kv"]
+    assert line["full"] == 80.0 and line["normalised"] == pytest.approx(97.5), "the full score from compare's reference"
+    (earlier / "results.json").write_text(json.dumps({"rows": [row("streaming", 60.0, "0.4000", kv=0.40)]}))
+    (line,) = acc.verdicts(acc.runs_of(args, 2048), 2048, ["streaming"])
+    assert not line["baselines_hold_at_least_namm_kv"]
+    text = acc.markdown([line], ["streaming"], argparse.Namespace(**vars(args), seed=100, samples=32, model="m"))
+    assert "a baseline holds less KV than the NAMM" in text and "read from" in text
