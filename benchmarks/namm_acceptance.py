@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -190,7 +191,7 @@ def markdown(lines: list[dict], baselines: list[str], args: argparse.Namespace) 
         "row are in `L<length>/<mode>-<schedule>/` (results.md there has KV bytes, peaks and tokens/s).",
         *([f"The baseline runs are read from `{args.baselines_from}` (run for an earlier NAMM; a row whose "
            "baselines hold less KV than this NAMM says so).", ""] if getattr(args, "baselines_from", None) else [""]),
-        f"Reproduce: `python benchmarks/namm_acceptance.py {' '.join(sys.argv[1:])}`",
+        f"Reproduce: `python benchmarks/namm_acceptance.py {shlex.join(sys.argv[1:])}`",
         "",
         *out,
         "",
