@@ -68,7 +68,7 @@ def baseline_runs(args: argparse.Namespace, length: int, name: str, tasks: str, 
                   budget_args: list[str]) -> list[dict]:
     """Rows of one baseline run: run (or resume) it in OUT, or with ``--baselines-from`` read it from
     that folder (no rows when it holds no such run)."""
-    if getattr(args, "baselines_from", None):
+    if args.baselines_from:
         results = Path(args.baselines_from) / f"L{length}" / name / "results.json"
         if not results.exists():
             print(f"no baseline run {results}; its rows are left out", flush=True)
@@ -190,7 +190,7 @@ def markdown(lines: list[dict], baselines: list[str], args: argparse.Namespace) 
         "Threshold mode: baselines at the NAMM's measured mean KV fraction on the task. The runs behind each "
         "row are in `L<length>/<mode>-<schedule>/` (results.md there has KV bytes, peaks and tokens/s).",
         *([f"The baseline runs are read from `{args.baselines_from}` (run for an earlier NAMM; a row whose "
-           "baselines hold less KV than this NAMM says so).", ""] if getattr(args, "baselines_from", None) else [""]),
+           "baselines hold less KV than this NAMM says so).", ""] if args.baselines_from else [""]),
         f"Reproduce: `python benchmarks/namm_acceptance.py {shlex.join(sys.argv[1:])}`",
         "",
         *out,

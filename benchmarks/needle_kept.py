@@ -86,11 +86,6 @@ def parse_mode(entry: str) -> tuple[float | None, dict]:
     return (None if head == "threshold" else float(head)), options
 
 
-def parse_modes(text: str) -> list[float | None]:
-    """``--budgets`` entries without selection options: a budget fraction each, or None (threshold)."""
-    return [parse_mode(entry)[0] for entry in text.split(",")]
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a NAMM checkpoint on the prompt-end schedule")
@@ -112,8 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     modes = [(entry.strip(), *parse_mode(entry)) for entry in args.budgets.split(",")]
     policy = namm.make_policy("namm", checkpoint=args.checkpoint)
     policy.bind(model)
-    variants = {tag: namm.make_policy("namm", checkpoint=policy.loaded_checkpoint, **options)
-                for tag, _, options in modes}
+    variants = {tag: namm.make_policy("namm", checkpoint=policy.loaded_checkpoint, budget=budget, **options)
+                for tag, budget, options in modes}
     if policy.schedule != "prompt-end":
         raise ValueError(f"the checkpoint runs on the {policy.schedule} schedule; "
                          "this diagnostic replays prompt-end only")
@@ -127,7 +122,6 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"prompt": prompt.key, "needle_start": start, "needle_tokens": len(answer)}
         for tag, budget, _ in modes:
             variant = variants[tag]
-            variant.set_budget(budget)
             held = replay(record, variant, variant.params[None])[0]
             row[f"namm@{tag}"] = whole_needle_share(held, start, len(answer))
             row[f"namm_tokens@{tag}"] = needle_token_share(held, start, len(answer))

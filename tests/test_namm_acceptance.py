@@ -41,7 +41,7 @@ def test_each_baseline_on_its_best_schedule_and_the_verdict(acc):
     assert budget["baselines"]["streaming"]["namm_minus"] == pytest.approx(10.0)
     assert threshold["normalised"] == pytest.approx(97.5)
     args = argparse.Namespace(checkpoint="c", threshold_checkpoint="t", tasks="niah_single", seed=100, samples=32,
-                              model="smollm2-135m", namm_protocol="query-aware")
+                              model="smollm2-135m", namm_protocol="query-aware", baselines_from=None)
     text = acc.markdown([budget, threshold], ["streaming", "h2o"], args)
     assert "| budget | niah_single | 2048 | 0.25 | 32 | 80.0 | 50.0 [40.0, 60.0] | 0.250 | 40.0 [30.0, 50.0] " \
            "(progressive) | 55.0 [45.0, 65.0] (prompt-end) | no |" in text
@@ -69,7 +69,7 @@ def test_the_namm_runs_on_its_checkpoints_schedule_and_protocol(acc, monkeypatch
     monkeypatch.setattr(acc, "compare", fake_compare)
     args = argparse.Namespace(out=str(tmp_path / "out"), checkpoint=str(tmp_path / "ckpt"), baselines="streaming",
                               tasks="passkey", budgets="0.25", threshold_checkpoint=str(tmp_path / "ckpt"),
-                              namm_protocol=None)
+                              namm_protocol=None, baselines_from=None)
     acc.runs_of(args, 2048)
     agnostic = protocol == "query-agnostic"
     assert calls == [("full,namm", schedule, ["--budgets", "0.25"], agnostic),

@@ -29,7 +29,7 @@ def test_dc_ranking_keeps_the_attended_run_and_its_neighbours():
 
 def test_modes_and_the_share_of_needle_tokens_held():
     module = load_benchmark("needle_kept")
-    assert module.parse_modes("threshold,0.25") == [None, 0.25]
+    assert [module.parse_mode(entry) for entry in ("threshold", "0.25")] == [(None, {}), (0.25, {})]
     held = torch.ones(2, 2, 10, dtype=torch.bool)
     held[0, 0, 4] = False  # one pair drops one of the needle's 4 tokens (3..6)
     assert module.whole_needle_share(held, 3, 4) == pytest.approx(0.75)

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
                    help="the run's checkpoint to finalize, e.g. RUN/means/gen-0030 picked on validation prompts "
                         "(default: RUN/best, the best mean on the training prompts)")
     cut = p.add_mutually_exclusive_group()
-    cut.add_argument("--target", type=float, default=None,
+    cut.add_argument("--target", type=float, default=0.35,
                      help="mean KV fraction threshold mode should hold on the training prompts (default 0.35)")
     cut.add_argument("--threshold", type=float, default=None,
                      help="use this score cut instead (e.g. one picked on validation prompts with "
@@ -51,12 +51,12 @@ def run(args: argparse.Namespace) -> int:
     best = load_namm_checkpoint(args.checkpoint or str(run_dir / "best"))
     if args.prompts < 1:
         raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
-    target = 0.35 if args.target is None and args.threshold is None else args.target
+    given = args.threshold is not None
     floor = best.config.get("selection", {}).get("floor") if args.floor is None else args.floor
     if floor is not None:
         check_floor(floor, "--floor")
-        if target is not None and floor > target:
-            raise ValueError(f"--floor {floor} exceeds --target {target}: the floor alone keeps more")
+        if not given and floor > args.target:
+            raise ValueError(f"--floor {floor} exceeds --target {args.target}: the floor alone keeps more")
     if args.pool is not None:
         check_pool(args.pool, "--pool")
     writable_dir(str(Path(args.out).parent if Path(args.out).suffix else Path(args.out)))
@@ -67,18 +67,21 @@ def run(args: argparse.Namespace) -> int:
     policy.floor = floor
     policy.pool = best.config.get("selection", {}).get("pool", 1) if args.pool is None else args.pool
     records = ProxyScorer(model, policy, progress=show_progress(args)).record(prompts)
-    if target is None:
+    if given:
         threshold, fraction = args.threshold, mean_fraction(records, policy, best.params, args.threshold)
     else:
-        threshold, fraction = calibrate_threshold(records, policy, best.params, target)
-    selection = {key: value for key, value in best.config.get("selection", {}).items() if key != "threshold_target"}
-    selection.update(threshold=threshold, pool=policy.pool, threshold_fraction_train=fraction,
-                     threshold_prompts=len(prompts), **({} if target is None else {"threshold_target": target}))
+        threshold, fraction = calibrate_threshold(records, policy, best.params, args.target)
+    selection = {**best.config.get("selection", {}), "threshold": threshold, "pool": policy.pool,
+                 "threshold_fraction_train": fraction, "threshold_prompts": len(prompts)}
+    if given:
+        selection.pop("threshold_target", None)
+    else:
+        selection["threshold_target"] = args.target
     if floor is not None:
         selection["floor"] = floor
     provenance = {**best.provenance, "finalized_from": str(args.checkpoint or run_dir / "best")}
     path = save_namm_checkpoint(args.out, best.params, best.mean, best.std, {**best.config, "selection": selection},
                                 provenance)
     print(f"threshold {threshold:.6g}: mean KV fraction {fraction:.3f} on {len(prompts)} training prompts "
-          f"({'given cut' if target is None else f'target {target}'}); checkpoint {path}")
+          f"({'given cut' if given else f'target {args.target}'}); checkpoint {path}")
     return 0
