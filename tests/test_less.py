@@ -297,6 +297,33 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path, monk
         torch.testing.assert_close(a, b)
 
 
+def test_training_continues_from_trained_kernels(tmp_path, capsys):
+    from namm.cli import main
+    from namm.less.checkpoint import read_metadata
+    from test_evolve_helpers import save_tiny_model
+
+    model_dir = str(save_tiny_model(tmp_path / "tiny"))
+    common = ["less-train", "--model", model_dir, "--device", "cpu", "--policy", "h2o", "--budget", "0.2", "--n-up",
+              "64", "--sequences", "2", "--seq-len", "160", "--queries", "16", "--batch", "2", "--validation", "2",
+              "--eval-every", "2", "--steps", "4"]
+    first = str(tmp_path / "first")
+    assert main([*common, "--hidden", "8", "--rank", "4", "--lr", "1e-2", "--out", first]) == 0
+    # a step too small to improve any layer leaves every weight as loaded (no log-scale search either)
+    assert main([*common, "--lr", "1e-12", "--init-from", first, "--out", str(tmp_path / "frozen")]) == 0
+    trained, frozen = load_less_kernels(first), load_less_kernels(tmp_path / "frozen")
+    assert frozen.config == trained.config and frozen.config.hidden == 8  # the shapes come from --init-from
+    for a, b in zip(trained.state_dict().values(), frozen.state_dict().values()):
+        assert torch.equal(a, b)
+    assert main([*common, "--lr", "1e-2", "--init-from", first, "--out", str(tmp_path / "more")]) == 0
+    before, after = (read_metadata(d)["provenance"] for d in (first, tmp_path / "more"))
+    assert after["init_from"] == first and "init_from" not in before
+    for i, report in after["layers"].items():  # same validation sequences: never worse than the start
+        assert report["less_mse"] <= before["layers"][i]["less_mse"] * (1 + 1e-5)
+    capsys.readouterr()
+    assert main([*common, "--hidden", "16", "--init-from", first, "--out", str(tmp_path / "wide")]) == 2
+    assert "continue from" in capsys.readouterr().err
+
+
 def test_training_on_a_bfloat16_model_gives_float32_kernels_that_follow_the_model(tmp_path):
     from namm.less.training import TrainConfig, train_less
 

@@ -30,8 +30,13 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=300, help="Adam steps per layer (default 300)")
     p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--hidden", type=int, default=512, help="hidden width of the φ/ψ MLPs (default 512)")
-    p.add_argument("--rank", type=int, default=8, help="rank R of the state (default 8)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="hidden width of the φ/ψ MLPs (default 512, or that of --init-from)")
+    p.add_argument("--rank", type=int, default=None, help="rank R of the state (default 8, or that of --init-from)")
+    p.add_argument("--init-from", default=None, metavar="KERNELS",
+                   help="continue training these kernels (a shipped name or a less-train OUT) instead of starting "
+                        "from random weights: a new cosine schedule of --steps, no log-scale search; each layer ends "
+                        "no worse on the validation sequences than it began. OUT must be a new directory")
     p.add_argument("--layers-per-pass", type=int, default=None,
                    help="layers fitted together in one batched pass (default: all; fewer to save memory)")
     p.add_argument("--validation", type=int, default=4,
@@ -45,6 +50,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from namm.less.checkpoint import load_less_kernels
     from namm.less.training import TrainConfig, train_less
 
     set_threads(args)
@@ -53,16 +59,19 @@ def run(args: argparse.Namespace) -> int:
     if args.schedule == "prompt-end":
         raise ValueError("less-train records the evictions of the progressive schedule; drop --schedule prompt-end")
     policy = policy_from_args(args)
+    init = load_less_kernels(args.init_from) if args.init_from else None
+    hidden = args.hidden or (init.config.hidden if init else 512)
+    rank = args.rank or (init.config.rank if init else 8)
     config = TrainConfig(sequences=args.sequences, seq_len=args.seq_len, queries_per_seq=args.queries,
-                         steps=args.steps, batch_sequences=args.batch, lr=args.lr, hidden=args.hidden, rank=args.rank,
+                         steps=args.steps, batch_sequences=args.batch, lr=args.lr, hidden=hidden, rank=rank,
                          seed=args.seed, layers_per_pass=args.layers_per_pass, validation=args.validation,
                          eval_every=args.eval_every, patience=args.patience)
     config.check(policy.n_up)
     out = writable_dir(args.out)
     model, tokenizer = load_model_from_args(args)
     provenance = {"model": args.model, "policy": args.policy, "budget": args.budget, "checkpoint": args.checkpoint,
-                  "n_up": args.n_up}
-    path = train_less(model, tokenizer, policy, out, config, provenance, progress=show_progress(args))
+                  "n_up": args.n_up, **({"init_from": args.init_from} if args.init_from else {})}
+    path = train_less(model, tokenizer, policy, out, config, provenance, progress=show_progress(args), init=init)
     record = json.loads(path.with_suffix(".json").read_text())["provenance"]
     closed = [v["gap_closed"] for v in record["layers"].values() if "gap_closed" in v]
     mean = sum(closed) / len(closed) if closed else 0.0

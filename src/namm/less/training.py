@@ -141,23 +141,30 @@ def _mean_loss(params: dict[str, Tensor], data: dict[str, Tensor], o_proj: Tenso
     return torch.stack(parts).sum(0) / S
 
 
-def fit_group(params: dict[str, Tensor], data: dict[str, Tensor], o_proj: Tensor, config: TrainConfig,
-              progress: bool = True, desc: str = "", validation: dict[str, Tensor] | None = None) -> list[dict]:
-    """Fit a stack of layers: a coarse search of each layer's log-scale, then Adam on the summed loss,
-    each layer keeping its weights of lowest ``validation`` loss (early stopping; without validation
-    data, the last weights). Returns each layer's losses (policy alone, LESS, share of the error
-    removed) on the validation data, or on the training data when there is none."""
-    gen = torch.Generator().manual_seed(config.seed)
-    S = data["q"].shape[0]
-    probe = {k: v[:2] for k, v in data.items()}
+def _search_log_scale(params: dict[str, Tensor], probe: dict[str, Tensor], o_proj: Tensor, batch: int) -> None:
+    """Set each layer's log-scale to the best of a coarse grid on the ``probe`` sequences."""
     grid = torch.tensor(list(LOG_SCALE_GRID), dtype=torch.float32)
     with torch.no_grad():
         scores = []
         for s in grid.tolist():
             params["log_scale"].fill_(s)
-            scores.append(_mean_loss(params, probe, o_proj, config.batch_sequences))
+            scores.append(_mean_loss(params, probe, o_proj, batch))
         best = grid.to(o_proj.device)[torch.stack(scores).argmin(0)]  # (L,)
         params["log_scale"].copy_(best[:, None].expand_as(params["log_scale"]))
+
+
+def fit_group(params: dict[str, Tensor], data: dict[str, Tensor], o_proj: Tensor, config: TrainConfig,
+              progress: bool = True, desc: str = "", validation: dict[str, Tensor] | None = None,
+              search_scale: bool = True) -> list[dict]:
+    """Fit a stack of layers: a coarse search of each layer's log-scale (skipped for ``search_scale``
+    False: weights already trained), then Adam on the summed loss, each layer keeping its weights of
+    lowest ``validation`` loss (early stopping; without validation data, the last weights). Returns
+    each layer's losses (policy alone, LESS, share of the error removed) on the validation data, or
+    on the training data when there is none."""
+    gen = torch.Generator().manual_seed(config.seed)
+    S = data["q"].shape[0]
+    if search_scale:
+        _search_log_scale(params, {k: v[:2] for k, v in data.items()}, o_proj, config.batch_sequences)
     judge = validation if validation is not None else data
     stopper = (EarlyStopping(params, lambda: _mean_loss(params, validation, o_proj, config.batch_sequences))
                if validation is not None else None)
@@ -241,10 +248,12 @@ def capture_all(model, tokenizer, policy: MemoryPolicy, data_dir: Path, config: 
 
 
 def train_less(model, tokenizer, policy: MemoryPolicy, out_dir: str | Path, config: TrainConfig,
-               provenance: dict | None = None, progress: bool = True) -> Path:
+               provenance: dict | None = None, progress: bool = True, init: LessKernels | None = None) -> Path:
     """Capture (or reuse) training data in ``out_dir/data``, fit the layers pass by pass (resuming
     from ``out_dir/layers``) on the model's device and write ``out_dir/less.safetensors`` +
-    ``less.json``. The provenance records the time taken and the sequences per minute of this run."""
+    ``less.json``. ``init``: trained kernels of the same shape to continue from (a warm restart of
+    the learning-rate schedule; each layer ends no worse on the validation sequences than it
+    began). The provenance records the time taken and the sequences per minute of this run."""
     out_dir = Path(out_dir)
     (out_dir / "data").mkdir(parents=True, exist_ok=True)
     (out_dir / "layers").mkdir(parents=True, exist_ok=True)
@@ -252,6 +261,11 @@ def train_less(model, tokenizer, policy: MemoryPolicy, out_dir: str | Path, conf
     policy.bind(model)  # resolves defaults that depend on the model (e.g. the shipped NAMM's n_up)
     config.check(policy.n_up)
     kernels = LessKernels(KernelConfig.for_model(model, config.hidden, config.rank), seed=config.seed)
+    if init is not None:
+        if init.config != kernels.config:
+            raise ValueError(f"the kernels to continue from have config {init.config.to_dict()}; this model and "
+                             f"--hidden/--rank need {kernels.config.to_dict()}")
+        kernels.load_state_dict(init.state_dict())
     settings = {"train": asdict(config), "kernels": kernels.config.to_dict(), "data_format": DATA_FORMAT,
                 **(provenance or {})}
     settings_file = out_dir / "settings.json"
@@ -276,7 +290,7 @@ def train_less(model, tokenizer, policy: MemoryPolicy, out_dir: str | Path, conf
         data = load_group(files, group, model.device)
         validation = load_group(held, group, model.device) if held else None
         reports = fit_group(params, data, o_proj, config, progress, desc=f"layers {group[0]}-{group[-1]}",
-                            validation=validation)
+                            validation=validation, search_scale=init is None)
         unstack_layers(params, layers)
         for i, report in zip(group, reports):
             save_file({k: v.contiguous() for k, v in kernels.layers[i].state_dict().items()}, str(layer_file(i)))
