@@ -324,6 +324,39 @@ def test_training_continues_from_trained_kernels(tmp_path, capsys):
     assert "continue from" in capsys.readouterr().err
 
 
+def test_training_on_mixed_lengths_pads_without_changing_any_loss(tmp_path, capsys):
+    import namm.less.training as training
+    from namm.cli import main
+    from namm.less.checkpoint import read_metadata
+    from test_evolve_helpers import save_tiny_model
+
+    model_dir = str(save_tiny_model(tmp_path / "tiny"))
+    out = tmp_path / "mixed"
+    assert main(["less-train", "--model", model_dir, "--device", "cpu", "--policy", "h2o", "--budget", "0.2",
+                 "--n-up", "64", "--sequences", "2", "--seq-len", "160,288", "--queries", "16", "--batch", "2",
+                 "--validation", "2", "--eval-every", "2", "--steps", "4", "--hidden", "8", "--rank", "4",
+                 "--lr", "1e-2", "--out", str(out)]) == 0
+    settings = read_metadata(out)["provenance"]
+    assert settings["train"]["seq_len"] == [160, 288]
+    files = sorted((out / "data").glob("seq_*.safetensors"))
+    keys = [training.load_group([f], [0], torch.device("cpu"))["k"].shape[-2] for f in files]
+    assert keys == [128, 256, 128, 256]  # tokens before the last update, lengths alternating
+    kernels = load_less_kernels(out)
+    layers = [0, 1]
+    params = training.stack_layers([kernels.layers[i] for i in layers], torch.device("cpu"))
+    o_proj = torch.stack([m.o_proj.weight.detach().float() for m in training.attention_modules(tiny_model())[:2]])
+    padded = training.load_group(files, layers, torch.device("cpu"))
+    assert padded["k"].shape[-2] == 256 and [n for _, n in training.length_groups(padded)] == [128, 256]
+    alone = [training.group_loss(params, training.load_group([f], layers, torch.device("cpu")), o_proj) for f in files]
+    torch.testing.assert_close(training._mean_loss(params, padded, o_proj, batch=2), torch.stack(alone).mean(0))
+    # a batch of mixed lengths, padded, gives each sequence its own loss: padding folds nothing
+    mixed = {k: v[:2] for k, v in padded.items()}
+    torch.testing.assert_close(training.group_loss(params, mixed, o_proj), (alone[0] + alone[1]) / 2)
+    capsys.readouterr()
+    assert main(["less-train", "--model", model_dir, "--seq-len", "160,x", "--out", str(tmp_path / "bad")]) == 2
+    assert "--seq-len takes comma-separated integers" in capsys.readouterr().err
+
+
 def test_training_on_a_bfloat16_model_gives_float32_kernels_that_follow_the_model(tmp_path):
     from namm.less.training import TrainConfig, train_less
 

@@ -91,6 +91,17 @@ def set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def int_list(text: str, flag: str) -> list[int]:
+    """Comma-separated integers, or a clear error naming the flag."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{flag} is empty")
+    return values
+
+
 def read_text_file(path: str) -> str:
     file = Path(path)
     if not file.is_file():

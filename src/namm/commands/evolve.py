@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from namm.commands.common import add_model_args, set_threads, show_progress, writable_dir
+from namm.commands.common import add_model_args, int_list, set_threads, show_progress, writable_dir
 from namm.policies.base import SCHEDULES
 
 EXAMPLES = """examples:
@@ -90,17 +90,6 @@ def add_parser(sub) -> None:
                    help="start a new run with the CMA-ES mean at a NAMM checkpoint's parameters and its feature "
                         "statistics (fresh step size --sigma0 and covariance; the scorer must match --scorer/--hidden)")
     p.set_defaults(run=run)
-
-
-def int_list(text: str, flag: str) -> list[int]:
-    """Comma-separated integers, or a clear error naming the flag."""
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{flag} is empty")
-    return values
 
 
 def config_from_args(args: argparse.Namespace):

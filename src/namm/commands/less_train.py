@@ -6,7 +6,7 @@ import argparse
 import json
 
 from namm.commands.common import (
-    add_model_args, add_policy_args, load_model_from_args, policy_from_args, set_threads, show_progress,
+    add_model_args, add_policy_args, int_list, load_model_from_args, policy_from_args, set_threads, show_progress,
     writable_dir,
 )
 
@@ -24,7 +24,10 @@ def add_parser(sub) -> None:
     add_policy_args(p, default="h2o")
     p.add_argument("--out", required=True, help="output directory (created; reused to resume)")
     p.add_argument("--sequences", type=int, default=16, help="training sequences (default 16)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--seq-len", default="2048",
+                   help="tokens per sequence (default 2048); several comma-separated lengths (e.g. 2048,4096) "
+                        "alternate over the training and validation sequences, so the kernels learn the state "
+                        "of every length they will serve")
     p.add_argument("--queries", type=int, default=256,
                    help="query positions sampled per sequence and layer, after the first update (default 256)")
     p.add_argument("--steps", type=int, default=300, help="Adam steps per layer (default 300)")
@@ -62,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     init = load_less_kernels(args.init_from) if args.init_from else None
     hidden = args.hidden or (init.config.hidden if init else 512)
     rank = args.rank or (init.config.rank if init else 8)
-    config = TrainConfig(sequences=args.sequences, seq_len=args.seq_len, queries_per_seq=args.queries,
+    lengths = int_list(args.seq_len, "--seq-len")
+    config = TrainConfig(sequences=args.sequences, seq_len=lengths if len(lengths) > 1 else lengths[0],
+                         queries_per_seq=args.queries,
                          steps=args.steps, batch_sequences=args.batch, lr=args.lr, hidden=hidden, rank=rank,
                          seed=args.seed, layers_per_pass=args.layers_per_pass, validation=args.validation,
                          eval_every=args.eval_every, patience=args.patience)

@@ -18,12 +18,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -37,15 +39,18 @@ from namm.policies.base import MemoryPolicy
 DATA_FORMAT = 2  # version of the captured data in OUT/data (2: eviction times instead of masks)
 FIELDS = ("q", "k", "v", "evict_at", "interval", "sparse", "lse", "target")
 LOG_SCALE_GRID = range(-21, 10, 3)  # coarse search of φ's log-scale before Adam
+PADDING = torch.iinfo(torch.int32).max  # ``evict_at`` of the keys that pad a shorter sequence: never evicted
 
 
 @dataclass
 class TrainConfig:
     """Sizes of a LESS training run (defaults: 16 sequences of 2048 tokens + 4 for early stopping,
-    all layers per pass)."""
+    all layers per pass). ``seq_len`` may list several lengths: sequence i (training, then
+    validation) has ``seq_len[i % len(seq_len)]`` tokens, so the state learns to hold as many folded
+    tokens as each length evicts."""
 
     sequences: int = 16
-    seq_len: int = 2048
+    seq_len: int | list[int] = 2048
     queries_per_seq: int = 256
     steps: int = 300
     batch_sequences: int = 4
@@ -58,10 +63,16 @@ class TrainConfig:
     eval_every: int = 20
     patience: int = 5
 
+    def lengths(self) -> list[int]:
+        """The token count of every captured sequence, training ones first, then validation ones."""
+        cycle = self.seq_len if isinstance(self.seq_len, list) else [self.seq_len]
+        return [cycle[i % len(cycle)] for i in range(self.sequences + self.validation)]
+
     def check(self, n_up: int | None) -> None:
         """ValueError on impossible sizes (``n_up`` None: not known before the policy is bound)."""
-        if n_up is not None and self.seq_len <= n_up:
-            raise ValueError(f"seq_len ({self.seq_len}) must exceed the policy's n_up ({n_up}) so that tokens are evicted")
+        shortest = min(self.seq_len) if isinstance(self.seq_len, list) else self.seq_len
+        if n_up is not None and shortest <= n_up:
+            raise ValueError(f"seq_len ({shortest}) must exceed the policy's n_up ({n_up}) so that tokens are evicted")
         for name in ("sequences", "queries_per_seq", "steps", "batch_sequences", "hidden", "rank", "eval_every",
                      "patience"):
             if getattr(self, name) < 1:
@@ -118,27 +129,49 @@ def group_loss(params: dict[str, Tensor], batch: dict[str, Tensor], o_proj: Tens
 
 
 def load_group(files: list[Path], layers: list[int], device: torch.device) -> dict[str, Tensor]:
-    """The captured tensors of ``layers`` from every sequence file, stacked (S, L, ...) on ``device``."""
+    """The captured tensors of ``layers`` from every sequence file, stacked (S, L, ...) on ``device``.
+    Sequences of other lengths are padded to the longest with tokens that are never evicted (zero
+    keys and values, ``evict_at`` = ``PADDING``), which add nothing to the state."""
     per_file = []
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             per_file.append({name: torch.stack([f.get_tensor(f"{layer}.{name}") for layer in layers])
                              for name in FIELDS})
+    longest = max(d["k"].shape[-2] for d in per_file)
+    for d in per_file:
+        pad = longest - d["k"].shape[-2]
+        d["k"], d["v"] = (F.pad(d[name], (0, 0, 0, pad)) for name in ("k", "v"))
+        d["evict_at"] = F.pad(d["evict_at"], (0, pad), value=PADDING)
     try:
         return {name: torch.stack([d[name] for d in per_file]).to(device) for name in FIELDS}
     except RuntimeError as err:
         raise ValueError(f"captured sequences differ in shape (the policy must update at the same points in "
-                         f"every sequence): {err}") from None
+                         f"every sequence of one length): {err}") from None
+
+
+def length_groups(data: dict[str, Tensor]) -> list[tuple[Tensor, int]]:
+    """(indices, tokens) of each set of sequences of one length in ``data``: a batch drawn from one
+    set is cut to its own tokens, so no step pays for another length's padding."""
+    tokens = (data["evict_at"][:, 0, 0] != PADDING).sum(-1).cpu()  # (S,): one sync per pass, not per step
+    return [((tokens == n).nonzero().flatten(), int(n)) for n in tokens.unique().tolist()]
+
+
+def take(data: dict[str, Tensor], pick: Tensor, tokens: int) -> dict[str, Tensor]:
+    """The sequences ``pick`` of ``data``, cut to their first ``tokens`` keys."""
+    batch = {k: v.index_select(0, pick.to(v.device)) for k, v in data.items()}
+    batch["k"], batch["v"] = batch["k"][..., :tokens, :], batch["v"][..., :tokens, :]
+    batch["evict_at"] = batch["evict_at"][..., :tokens]
+    return batch
 
 
 def _mean_loss(params: dict[str, Tensor], data: dict[str, Tensor], o_proj: Tensor, batch: int,
                use_less: bool = True) -> Tensor:
-    """(L,) per-layer loss averaged over every sequence of ``data``, ``batch`` sequences at a time."""
-    S = data["q"].shape[0]
+    """(L,) per-layer loss averaged over every sequence of ``data``, ``batch`` sequences of one length
+    at a time."""
     with torch.no_grad():
-        parts = [group_loss(params, {k: v[i:i + batch] for k, v in data.items()}, o_proj, use_less)
-                 * min(batch, S - i) for i in range(0, S, batch)]
-    return torch.stack(parts).sum(0) / S
+        parts = [group_loss(params, take(data, index[i:i + batch], tokens), o_proj, use_less) * len(index[i:i + batch])
+                 for index, tokens in length_groups(data) for i in range(0, len(index), batch)]
+    return torch.stack(parts).sum(0) / data["q"].shape[0]
 
 
 def _search_log_scale(params: dict[str, Tensor], probe: dict[str, Tensor], o_proj: Tensor, batch: int) -> None:
@@ -163,6 +196,8 @@ def fit_group(params: dict[str, Tensor], data: dict[str, Tensor], o_proj: Tensor
     on the training data when there is none."""
     gen = torch.Generator().manual_seed(config.seed)
     S = data["q"].shape[0]
+    groups = length_groups(data)
+    group_of = {int(i): g for g, (index, _) in enumerate(groups) for i in index}
     if search_scale:
         _search_log_scale(params, {k: v[:2] for k, v in data.items()}, o_proj, config.batch_sequences)
     judge = validation if validation is not None else data
@@ -172,8 +207,10 @@ def fit_group(params: dict[str, Tensor], data: dict[str, Tensor], o_proj: Tensor
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
     bar = tqdm(range(1, config.steps + 1), desc=desc, leave=False, disable=not progress)
     for step in bar:
-        pick = torch.randperm(S, generator=gen)[: config.batch_sequences].to(o_proj.device)
-        loss = group_loss(params, {k: v.index_select(0, pick) for k, v in data.items()}, o_proj).sum()
+        # a length drawn by its share of the sequences, then a batch of that length
+        index, tokens = groups[group_of[int(torch.randint(S, (1,), generator=gen))] if len(groups) > 1 else 0]
+        pick = index[torch.randperm(len(index), generator=gen)[: config.batch_sequences]]
+        loss = group_loss(params, take(data, pick, tokens), o_proj).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -230,15 +267,16 @@ def capture_all(model, tokenizer, policy: MemoryPolicy, data_dir: Path, config: 
     follow the training ones."""
     from namm.tasks.corpus import corpus_tokens
 
-    total = config.sequences + config.validation
-    tokens = corpus_tokens(tokenizer, total * config.seq_len, split="train", seed=config.seed)
+    lengths = config.lengths()
+    tokens = corpus_tokens(tokenizer, sum(lengths), split="train", seed=config.seed)
+    starts = [0, *itertools.accumulate(lengths)]
     files, fresh = [], 0
-    for i in tqdm(range(total), desc="capture", disable=not progress):
+    for i in tqdm(range(len(lengths)), desc="capture", disable=not progress):
         file = data_dir / f"seq_{i:04d}.safetensors"
         files.append(file)
         if file.is_file():
             continue
-        seq = tokens[i * config.seq_len:(i + 1) * config.seq_len].to(model.device)
+        seq = tokens[starts[i]:starts[i + 1]].to(model.device)
         gen = torch.Generator().manual_seed(config.seed * 100_003 + i)
         tensors = capture_sequence(model, seq, policy, config.queries_per_seq, gen)
         save_file({k: v.cpu() for k, v in tensors.items()}, str(file.with_suffix(".partial")))
