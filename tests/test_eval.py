@@ -164,6 +164,35 @@ def test_reference_is_kept_per_dtype(tiny_dir, tmp_path):
     assert sorted(p.name.split("-")[-3] for p in references.iterdir()) == ["bfloat16", "float32"]  # computed anew
 
 
+def test_two_commands_needing_one_reference_compute_it_once(monkeypatch):
+    """A second command that needs a full-cache reference being computed waits for it and reads it."""
+    import threading
+    import time
+
+    from namm.eval import report
+
+    calls = []
+
+    def slow_full_run(model, tokenizer, policy, samples, out_dir, **kwargs):
+        calls.append(policy.name)
+        time.sleep(0.3)
+        metrics = {"n": len(samples), "score": 50.0}
+        (Path(out_dir) / runner.METRICS).write_text(json.dumps(metrics))
+        return metrics
+
+    monkeypatch.setattr(report, "evaluate", slow_full_run)
+    model = SimpleNamespace(dtype=torch.float32, device=torch.device("cpu"))
+    samples = get_task("passkey").samples(byte_tokenizer(), 600, 2)
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(
+        report.reference_metrics(model, None, samples, "tiny", "passkey"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["full"] and found == [{"n": 2, "score": 50.0}] * 2
+
+
 def test_reference_of_a_local_folder_follows_its_files(tmp_path):
     """Replacing a local model folder's weights or a local .gguf file gives a new reference key; an untouched
     folder keeps its key."""

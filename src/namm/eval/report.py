@@ -3,10 +3,13 @@ comparison tables."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from namm.eval.intervals import bootstrap_interval
@@ -45,23 +48,35 @@ def cached_reference(model_name: str, model, samples: list[Sample]) -> dict | No
     return metrics if metrics.get("n") == len(samples) else None
 
 
+@contextmanager
+def _reference_held(target: Path) -> Iterator[None]:
+    """Hold ``target`` (a reference folder) for this process: a second command that needs the same
+    reference waits here and then reads it, instead of computing it again beside the first."""
+    target.mkdir(parents=True, exist_ok=True)
+    with open(target / ".lock", "a", encoding="utf-8") as handle:  # closing the file releases the lock
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def store_reference(model_name: str, model, samples: list[Sample], run_dir: Path) -> None:
     """Keep a finished full-cache run as the reference for these samples (no recomputation later)."""
     target = reference_dir(model_name, model, samples)
-    if cached_reference(model_name, model, samples) is None:
-        target.mkdir(parents=True, exist_ok=True)
-        for name in (PREDICTIONS, METRICS):
-            shutil.copyfile(run_dir / name, target / name)
+    with _reference_held(target):
+        if cached_reference(model_name, model, samples) is None:
+            for name in (PREDICTIONS, METRICS):
+                shutil.copyfile(run_dir / name, target / name)
 
 
 def reference_metrics(model, tokenizer, samples: list[Sample], model_name: str, task: str,
                       batch_size: int = 1, progress: bool = True) -> dict:
     """The full-cache metrics for these samples: from the cache, or computed once and cached."""
-    found = cached_reference(model_name, model, samples)
-    if found is not None:
-        return found
-    return evaluate(model, tokenizer, make_policy("full"), samples, out_dir=reference_dir(model_name, model, samples),
-                    batch_size=batch_size, progress=progress, task=task, model_name=model_name)
+    target = reference_dir(model_name, model, samples)
+    with _reference_held(target):
+        found = cached_reference(model_name, model, samples)
+        if found is not None:
+            return found
+        return evaluate(model, tokenizer, make_policy("full"), samples, out_dir=target, batch_size=batch_size,
+                        progress=progress, task=task, model_name=model_name)
 
 
 def normalized_score(score: float, reference: float) -> float | None:
