@@ -67,10 +67,9 @@ def run(args: argparse.Namespace) -> int:
     rank = args.rank or (init.config.rank if init else 8)
     lengths = int_list(args.seq_len, "--seq-len")
     config = TrainConfig(sequences=args.sequences, seq_len=lengths if len(lengths) > 1 else lengths[0],
-                         queries_per_seq=args.queries,
-                         steps=args.steps, batch_sequences=args.batch, lr=args.lr, hidden=hidden, rank=rank,
-                         seed=args.seed, layers_per_pass=args.layers_per_pass, validation=args.validation,
-                         eval_every=args.eval_every, patience=args.patience)
+                         queries_per_seq=args.queries, steps=args.steps, batch_sequences=args.batch, lr=args.lr,
+                         hidden=hidden, rank=rank, seed=args.seed, layers_per_pass=args.layers_per_pass,
+                         validation=args.validation, eval_every=args.eval_every, patience=args.patience)
     config.check(policy.n_up)
     out = writable_dir(args.out)
     model, tokenizer = load_model_from_args(args)

@@ -63,14 +63,17 @@ class TrainConfig:
     eval_every: int = 20
     patience: int = 5
 
+    def _cycle(self) -> list[int]:
+        return self.seq_len if isinstance(self.seq_len, list) else [self.seq_len]
+
     def lengths(self) -> list[int]:
         """The token count of every captured sequence, training ones first, then validation ones."""
-        cycle = self.seq_len if isinstance(self.seq_len, list) else [self.seq_len]
+        cycle = self._cycle()
         return [cycle[i % len(cycle)] for i in range(self.sequences + self.validation)]
 
     def check(self, n_up: int | None) -> None:
         """ValueError on impossible sizes (``n_up`` None: not known before the policy is bound)."""
-        shortest = min(self.seq_len) if isinstance(self.seq_len, list) else self.seq_len
+        shortest = min(self._cycle())
         if n_up is not None and shortest <= n_up:
             raise ValueError(f"seq_len ({shortest}) must exceed the policy's n_up ({n_up}) so that tokens are evicted")
         for name in ("sequences", "queries_per_seq", "steps", "batch_sequences", "hidden", "rank", "eval_every",
@@ -152,7 +155,7 @@ def load_group(files: list[Path], layers: list[int], device: torch.device) -> di
 def length_groups(data: dict[str, Tensor]) -> list[tuple[Tensor, int]]:
     """(indices, tokens) of each set of sequences of one length in ``data``: a batch drawn from one
     set is cut to its own tokens, so no step pays for another length's padding."""
-    tokens = (data["evict_at"][:, 0, 0] != PADDING).sum(-1).cpu()  # (S,): one sync per pass, not per step
+    tokens = (data["evict_at"][:, 0, 0] != PADDING).sum(-1).cpu()  # (S,): one sync per call, never per Adam step
     return [((tokens == n).nonzero().flatten(), int(n)) for n in tokens.unique().tolist()]
 
 
