@@ -292,19 +292,19 @@ def test_stopped_compare_keeps_the_table_of_finished_runs(tiny_dir, tmp_path, mo
     out = tmp_path / "cmp"
     argv = ["compare", "--model", tiny_dir, "--policies", "recency,full", "--budgets", "0.25", "--tasks", "passkey",
             "--length", "600", "--samples", "1", "--n-up", "128", "--out", str(out), "--quiet"]
-    real, calls = runner.evaluate, []
+    real, calls = runner.evaluate_shared, []
 
     def stop_on_second_run(*args, **kwargs):
-        calls.append(kwargs.get("out_dir"))
+        calls.append(args[4])
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "evaluate", stop_on_second_run)
+    monkeypatch.setattr(runner, "evaluate_shared", stop_on_second_run)
     assert main(argv) == 130  # interrupted (Ctrl-C) during the second run
     assert [r["policy"] for r in json.loads((out / "results.json").read_text())["rows"]] == ["full"]  # full runs first
     assert "| passkey | full |" in (out / "results.md").read_text()
-    monkeypatch.setattr(runner, "evaluate", real)
+    monkeypatch.setattr(runner, "evaluate_shared", real)
     assert main(argv) == 0
     assert [r["policy"] for r in json.loads((out / "results.json").read_text())["rows"]] == ["full", "recency"]
 

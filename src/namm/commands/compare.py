@@ -30,7 +30,10 @@ def add_parser(sub) -> None:
                     "tokens/s), OUT/results.json and OUT/score_vs_cache.png. Each run lives in "
                     "OUT/runs/TASK/POLICY[-BUDGET][-SCHEDULE][-query-agnostic] and resumes when the command is "
                     "rerun; full-cache reference scores are cached and reused. --match-cache POLICY compares at "
-                    "equal memory: every other policy runs at POLICY's measured mean KV fraction on each task.")
+                    "equal memory: every other policy runs at POLICY's measured mean KV fraction on each task. Runs of a "
+                    "task that compress only after the prompt (the prompt-end schedule, without LESS) share one "
+                    "prefill per batch: the same answers as run one by one, in a fraction of the time (their "
+                    "tokens/s count the whole shared prefill).")
     add_model_args(p)
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated policies (default: {DEFAULT_POLICIES})")
     p.add_argument("--budgets", default=None,
@@ -124,6 +127,21 @@ def build_policy(args: argparse.Namespace, policy: str, budget: str | None):
     return policy_from_args(options)
 
 
+def resolve_run(args: argparse.Namespace, policy_name: str, budget: str | None, matched: str | None):
+    """(policy, budget used, policy matched to) of one planned run; a :data:`MATCHED` budget takes
+    the ``matched`` one measured on the task."""
+    matched_to = args.match_cache if budget == MATCHED else None
+    used = matched if matched_to else budget
+    return build_policy(args, policy_name, used), used, matched_to
+
+
+def shares_prefill(policy) -> bool:
+    """Whether a run can share its prefill with others of the task: it evicts, and only after the prompt."""
+    from namm.memory.generation import prefill_shareable
+
+    return policy.evicts and prefill_shareable(policy)
+
+
 def run(args: argparse.Namespace) -> int:
     runs = plan(args)
     with locked_output_dir(args.out) as out:
@@ -135,13 +153,15 @@ def run_plan(args: argparse.Namespace, runs: list[tuple[str, str, str | None]], 
     each finished run, so a stopped command leaves the table of what it finished."""
     from namm.eval.plots import plot_score_vs_cache
     from namm.eval.report import markdown_table, mean_rows, normalized_score, reference_metrics, store_reference
-    from namm.eval.runner import PREDICTIONS, evaluate, read_predictions
+    from namm.eval.runner import PREDICTIONS, evaluate_shared, read_predictions
     from namm.memory.generation import model_context
 
     set_threads(args)
     model, tokenizer = load_model_from_args(args)
     rows, references, matched = [], {}, {}
-    for task, policy_name, budget in runs:
+    pending = list(runs)
+    while pending:
+        task, policy_name, budget = pending.pop(0)
         if task not in references:
             _, references[task], _ = load_samples(args, tokenizer, model_context(model),
                                                   None if args.data_file else task)
@@ -149,24 +169,31 @@ def run_plan(args: argparse.Namespace, runs: list[tuple[str, str, str | None]], 
             if note:
                 print(f"{task}: {note}")
         samples = references[task]
-        matched_to = args.match_cache if budget == MATCHED else None
-        budget = matched[task] if matched_to else budget
-        policy = build_policy(args, policy_name, budget)
-        run_dir = out / "runs" / task / run_name(args, policy, budget)
-        metrics = evaluate(model, tokenizer, policy, samples, out_dir=run_dir, batch_size=args.batch_size,
-                           progress=show_progress(args), task=task, model_name=args.model,
-                           extra={"budget": budget, "matched_to": matched_to, "length": args.length, "seed": args.seed,
-                                  "prompts_cut": sum(s.truncated for s in samples)},
-                           question_after_compression=args.question_after_compression)
-        if policy_name == args.match_cache:
-            matched[task] = matched_budget(metrics["kv_fraction"])
-        if policy_name == "full" and not args.question_after_compression:
-            store_reference(args.model, model, samples, run_dir)
-        done = read_predictions(run_dir / PREDICTIONS)
-        ref = reference_metrics(model, tokenizer, samples, args.model, task, args.batch_size, show_progress(args))
-        rows.append({**metrics, "sample_scores": [100.0 * done[s.id]["score"] for s in samples],
-                     "reference_score": ref["score"], "normalized_score": normalized_score(metrics["score"],
-                                                                                          ref["score"])})
+        group = [resolve_run(args, policy_name, budget, matched.get(task))]
+        if shares_prefill(group[0][0]):  # later runs of the task that compress after the prompt too
+            for item in [r for r in pending if r[0] == task and r[1] != args.match_cache]:
+                if item[2] != MATCHED or task in matched:
+                    run_item = resolve_run(args, item[1], item[2], matched.get(task))
+                    if shares_prefill(run_item[0]):
+                        group.append(run_item)
+                        pending.remove(item)
+        dirs = [out / "runs" / task / run_name(args, policy, used) for policy, used, _ in group]
+        extras = [{"budget": used, "matched_to": matched_to, "length": args.length, "seed": args.seed,
+                   "prompts_cut": sum(s.truncated for s in samples)} for _, used, matched_to in group]
+        results = evaluate_shared(model, tokenizer, [policy for policy, _, _ in group], samples, dirs,
+                                  batch_size=args.batch_size, progress=show_progress(args), task=task,
+                                  model_name=args.model, extras=extras,
+                                  question_after_compression=args.question_after_compression)
+        for (policy, _, _), run_dir, metrics in zip(group, dirs, results):
+            if policy.name == args.match_cache:
+                matched[task] = matched_budget(metrics["kv_fraction"])
+            if policy.name == "full" and not args.question_after_compression:
+                store_reference(args.model, model, samples, run_dir)
+            done = read_predictions(run_dir / PREDICTIONS)
+            ref = reference_metrics(model, tokenizer, samples, args.model, task, args.batch_size, show_progress(args))
+            rows.append({**metrics, "sample_scores": [100.0 * done[s.id]["score"] for s in samples],
+                         "reference_score": ref["score"],
+                         "normalized_score": normalized_score(metrics["score"], ref["score"])})
         text = write_results(args, out, rows, markdown_table, mean_rows, plot_score_vs_cache)
     print("\n".join(text[:-3]))
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'score_vs_cache.png'}")

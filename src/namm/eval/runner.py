@@ -20,12 +20,13 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterable
+from dataclasses import dataclass
+from typing import IO, Iterable
 
 from tqdm.auto import tqdm
 
 from namm.eval.intervals import bootstrap_interval
-from namm.memory.generation import GenerationOutput, generate
+from namm.memory.generation import GenerationOutput, generate, generate_shared
 from namm.policies.base import MemoryPolicy
 from namm.tasks.base import Sample
 from namm.tasks.longbench import read_jsonl
@@ -121,15 +122,25 @@ def compressed_fraction(out: GenerationOutput, extra_bytes: int = 0) -> float:
     return sum((h.kv_bytes + extra_bytes) / h.kv_bytes_full for h in out.history) / len(out.history)
 
 
-def _run_batch(model, tokenizer, policy: MemoryPolicy, batch: list[Sample], agnostic: bool) -> list[dict]:
-    start = time.perf_counter()
-    if agnostic:
-        outs = generate(model, tokenizer, [s.context for s in batch], policy=policy, record_history=True,
-                        max_new_tokens=batch[0].max_new_tokens, question=[s.question for s in batch])
-    else:
-        outs = generate(model, tokenizer, [s.prompt for s in batch], policy=policy, record_history=True,
-                        max_new_tokens=batch[0].max_new_tokens)
-    wall = time.perf_counter() - start
+def _run_batch(model, tokenizer, policies: list[MemoryPolicy], batch: list[Sample], agnostic: bool) -> list[list[dict]]:
+    """The prediction rows of one batch for each policy (several policies share one prefill)."""
+    prompts = [s.context for s in batch] if agnostic else [s.prompt for s in batch]
+    options = dict(record_history=True, max_new_tokens=batch[0].max_new_tokens,
+                   question=[s.question for s in batch] if agnostic else None)
+    if len(policies) == 1:
+        start = time.perf_counter()
+        outs = generate(model, tokenizer, prompts, policy=policies[0], **options)
+        return [_prediction_rows(batch, outs, time.perf_counter() - start)]
+    shared = generate_shared(model, tokenizer, prompts, policies, **options)
+    runs = [_prediction_rows(batch, outs, outs[0].prefill_seconds + outs[0].decode_seconds) for outs in shared]
+    for rows in runs:
+        for row in rows:
+            row["prefill_shared_by"] = len(policies)  # its prefill_s and wall_s count the whole shared prefill
+    return runs
+
+
+def _prediction_rows(batch: list[Sample], outs: list[GenerationOutput], wall: float) -> list[dict]:
+    """predictions.jsonl rows of a batch's outputs; ``wall``: the batch's seconds, shared by its rows."""
     prompt_total = sum(o.prompt_tokens for o in outs) or 1
     new_total = sum(len(o.token_ids) for o in outs) or 1
     rows = []
@@ -195,10 +206,26 @@ def evaluate(model, tokenizer, policy: MemoryPolicy, samples: list[Sample], out_
     results (default: from the sample ids and the model config); ``extra`` is merged into
     metrics.json and config.json (e.g. the budget as the user wrote it).
     """
+    return evaluate_shared(model, tokenizer, [policy], samples, [out_dir], batch_size, progress, task, model_name,
+                           [extra], question_after_compression)[0]
+
+
+def evaluate_shared(model, tokenizer, policies: list[MemoryPolicy], samples: list[Sample],
+                    out_dirs: list[str | Path | None], batch_size: int = 1, progress: bool = True,
+                    task: str | None = None, model_name: str | None = None, extras: list[dict | None] | None = None,
+                    question_after_compression: bool = False) -> list[dict]:
+    """:func:`evaluate` for several policies at once, each into its own ``out_dirs`` entry (with
+    its ``extras`` entry), every batch prefilled once for all of them
+    (:func:`~namm.memory.generation.generate_shared`: the policies must compress only after the
+    prompt). Each run's answers and memory are what :func:`evaluate` gives it alone; its timings
+    count the whole shared prefill. A batch runs when any policy still lacks one of its samples."""
     if not samples:
         raise ValueError("no samples to evaluate")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    extras = extras or [None] * len(policies)
+    if not (len(policies) == len(out_dirs) == len(extras)) or not policies:
+        raise ValueError("give one output folder and one extra per policy")
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError("sample ids must be unique")
@@ -210,12 +237,46 @@ def evaluate(model, tokenizer, policy: MemoryPolicy, samples: list[Sample], out_
     protocol = QUERY_AGNOSTIC if question_after_compression else QUERY_AWARE
     task = task or samples[0].id.rsplit("-", 3)[0]
     model_name = model_name or str(getattr(model.config, "_name_or_path", "model"))
-    label = policy_label(policy)
-    config = {"task": task, "model": model_name, "policy": label["policy"], "policy_config": label,
-              "protocol": protocol, "n": len(samples), **(extra or {})}
-    done: dict[str, dict] = {}
-    out = None
-    if out_dir is not None:
+    runs = [_Run.open(policy, out_dir, samples, task, model_name, protocol, extra or {})
+            for policy, out_dir, extra in zip(policies, out_dirs, extras)]
+    pending = [s for s in samples if any(s.id not in run.done for run in runs)]
+    names = ", ".join(dict.fromkeys(run.label["policy"] for run in runs))
+    bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc=f"{task} · {names}", unit="sample",
+               disable=not progress)
+    try:
+        for batch in _batches(pending, batch_size):
+            for run, rows in zip(runs, _run_batch(model, tokenizer, policies, batch, question_after_compression)):
+                run.record(rows)
+            bar.update(len(batch))
+            if len(runs) == 1:
+                bar.set_postfix(score=f"{aggregate([runs[0].done[i] for i in ids if i in runs[0].done])['score']:.1f}")
+    finally:
+        bar.close()
+        for run in runs:
+            run.close()
+    return [run.finish(ids) for run in runs]
+
+
+@dataclass
+class _Run:
+    """One policy's results during an evaluation: its finished rows and its output folder."""
+
+    label: dict
+    config: dict
+    extra: dict
+    done: dict[str, dict]
+    out: Path | None
+    handle: IO[str] | None
+
+    @classmethod
+    def open(cls, policy: MemoryPolicy, out_dir: str | Path | None, samples: list[Sample], task: str,
+             model_name: str, protocol: str, extra: dict) -> "_Run":
+        """Check (or write) the folder's config.json and read the rows already answered there."""
+        label = policy_label(policy)
+        config = {"task": task, "model": model_name, "policy": label["policy"], "policy_config": label,
+                  "protocol": protocol, "n": len(samples), **extra}
+        if out_dir is None:
+            return cls(label, config, extra, {}, None, None)
         from namm.commands.common import writable_dir
 
         out = writable_dir(str(out_dir))
@@ -226,28 +287,31 @@ def evaluate(model, tokenizer, policy: MemoryPolicy, samples: list[Sample], out_
             if sample.id in done and done[sample.id].get("sample_digest") != sample_digest(sample):
                 raise ValueError(f"{out}: sample {sample.id} differs from the one already answered there; "
                                  "choose another output folder or delete it")
-    pending = [s for s in samples if s.id not in done]
-    bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc=f"{task} · {label['policy']}",
-               unit="sample", disable=not progress)
-    handle = (out / PREDICTIONS).open("a", encoding="utf-8") if out is not None else None
-    try:
-        for batch in _batches(pending, batch_size):
-            for row in _run_batch(model, tokenizer, policy, batch, question_after_compression):
-                done[row["id"]] = row
-                if handle is not None:
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            if handle is not None:
-                handle.flush()
-                os.fsync(handle.fileno())
-            bar.update(len(batch))
-            bar.set_postfix(score=f"{aggregate([done[i] for i in ids if i in done])['score']:.1f}")
-    finally:
-        bar.close()
-        if handle is not None:
-            handle.close()
-    metrics = {"task": task, "policy": label["policy"], "schedule": label.get("schedule"), "protocol": protocol,
-               "model": model_name,
-               **aggregate([done[i] for i in ids]), "policy_config": label, **(extra or {})}
-    if out is not None:
-        write_json(out / METRICS, metrics)
-    return metrics
+        return cls(label, config, extra, done, out, (out / PREDICTIONS).open("a", encoding="utf-8"))
+
+    def record(self, rows: list[dict]) -> None:
+        """Keep the rows of samples not answered yet, appended to predictions.jsonl and synced."""
+        for row in rows:
+            if row["id"] in self.done:
+                continue
+            self.done[row["id"]] = row
+            if self.handle is not None:
+                self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.handle is not None:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    def finish(self, ids: list[str]) -> dict:
+        """The metrics.json dict of the finished run (written to its folder)."""
+        config = self.config
+        metrics = {"task": config["task"], "policy": self.label["policy"], "schedule": self.label.get("schedule"),
+                   "protocol": config["protocol"], "model": config["model"],
+                   **aggregate([self.done[i] for i in ids]), "policy_config": self.label, **self.extra}
+        if self.out is not None:
+            write_json(self.out / METRICS, metrics)
+        return metrics

@@ -177,7 +177,19 @@ class MemoryLayer(CacheLayerMixin):
         else:
             self.queries = self._append("queries", queries)
             self.query_positions = self._append("query_positions", positions, dim=1)
-        if not (padded or self.queries_padded):
+        self.queries_padded = self.queries_padded or padded
+        self.keep_last_queries(window)
+
+    def keep_last_queries(self, window: int | None) -> None:
+        """Keep at most the last ``window`` real buffered queries of each row (None: all of them,
+        padding dropped; 0: none)."""
+        if self.queries is None:
+            return
+        if window == 0:
+            self._drop_stores("queries", "query_positions")
+            self.queries, self.query_positions, self.queries_padded = None, None, False
+            return
+        if not self.queries_padded:
             if window is not None and self.queries.shape[2] > window:
                 self.queries = self.queries[:, :, -window:]
                 self.query_positions = self.query_positions[:, -window:]
@@ -271,6 +283,18 @@ class MemoryLayer(CacheLayerMixin):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("MemoryCache does not support beam search")
+
+    def copy_into(self, other: "MemoryLayer", query_window: int | None) -> None:
+        """Give ``other`` (a layer of a forked cache) this layer's contents, sharing its tensors
+        (nothing writes into a tensor in place: appends start a new store, updates gather), with
+        the buffered queries cut to ``query_window``."""
+        for name in ("keys", "values", "positions", "queries", "query_positions", "queries_padded", "heads_aligned",
+                     "dense", "empty_bound", "scaling", "sliding_window", "is_initialized"):
+            setattr(other, name, getattr(self, name))
+        if self.is_initialized:
+            other.dtype, other.device = self.dtype, self.device
+        other.state = dict(self.state)
+        other.keep_last_queries(query_window)
 
 
 def step_inputs(attention_mask: Tensor | None, width: int) -> Tensor | None:
@@ -473,6 +497,27 @@ class MemoryCache(Cache):
             if layer.positions is not None:
                 self.update_layer(layer, point)
         self._commit(point)
+
+    def fork(self, policy: MemoryPolicy) -> "MemoryCache":
+        """A cache holding what this one holds, run by ``policy`` from here on: how a prefill that
+        compressed nothing serves several policies on the prompt-end schedule
+        (:func:`namm.memory.generation.generate_shared`). This cache must have buffered at least the
+        queries ``policy`` reads (its ``query_window``); the fork keeps exactly those."""
+        if self.step is not None or self.history or self.prompt_compressed:
+            raise ValueError("only a cache between steps that has never compressed can be forked")
+        window = policy.query_window if policy.evicts else 0
+        if window is None and self.query_window is not None or (
+                window and self.query_window is not None and 0 <= self.query_window < window):
+            raise ValueError(f"this cache buffered {self.query_window} queries per layer; the policy reads {window}")
+        fork = MemoryCache(policy, len(self.layers), None, self.device, self.record_history, self.auto_prompt_end)
+        fork.set_rows(self.num_rows)
+        policy.reset(self.num_rows)
+        fork.seen, fork.previous_update, fork.kv_bytes_peak = (
+            t.clone() for t in (self.seen, self.previous_update, self.kv_bytes_peak))
+        fork.columns = self.columns
+        for mine, theirs in zip(self.layers, fork.layers):
+            mine.copy_into(theirs, window)
+        return fork
 
     def end_prompt(self) -> None:
         """Every row's whole prompt has been fed: a policy on the prompt-end schedule compresses

@@ -90,6 +90,15 @@ class MemoryRunner:
                                  self.model.device, self.record_history)
         self.cache_kwarg = cache_argument(self.model)
 
+    @classmethod
+    def forked(cls, base: "MemoryRunner", policy: MemoryPolicy, record_history: bool = False) -> "MemoryRunner":
+        """A runner that goes on from ``base``'s rows (fed, never compressed) with ``policy``
+        managing their memory (see :meth:`MemoryCache.fork`); ``base`` is left as it is."""
+        runner = cls(base.model, policy, base.batch_size, base.chunk_size, record_history)
+        runner.cache = base.cache.fork(policy)
+        runner.cache.record_history = record_history
+        return runner
+
     @property
     def seen(self) -> Tensor:
         """(B,) tokens fed per row (host)."""

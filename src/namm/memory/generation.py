@@ -194,51 +194,155 @@ def generate(
     ``chunk_size`` caps the tokens of one prefill step (None: a step runs to the next memory
     update); any value gives the same result.
     """
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    single, ids, asked, lengths = _prepared(model, tokenizer, prompt, question)
+    policy = make_policy("full") if policy is None else (make_policy(policy) if isinstance(policy, str) else policy)
+    runner = MemoryRunner(model, policy, len(ids), chunk_size=chunk_size, record_history=record_history)
+    eos = _eos_ids(model, tokenizer) if eos_token_id == "auto" else set(eos_token_id or [])
+    with memory_attention_enabled(model):
+        t0 = time.perf_counter()
+        with tqdm(total=sum(lengths), desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
+            logits = _end_prompt(runner, _prefill(runner, ids, bar), asked, bar)
+        t1 = time.perf_counter()
+        decoder = _Decoder(runner, tokenizer, eos, _sampler(do_sample, temperature, top_k, top_p), stop, do_sample,
+                           seed, model_context(model), lengths, max_new_tokens)
+        generated = decoder.run(logits, progress)
+        t2 = time.perf_counter()
+    outputs = _outputs(runner, tokenizer, generated, lengths, eos, stop, t1 - t0, t2 - t1)
+    return outputs[0] if single else outputs
+
+
+@torch.inference_mode()
+def generate_shared(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    prompt: Prompt | list[Prompt],
+    policies: list[MemoryPolicy],
+    max_new_tokens: int = 32,
+    stop: list[str] | None = None,
+    record_history: bool = False,
+    eos_token_id: list[int] | None | str = "auto",
+    question: Prompt | list[Prompt] | None = None,
+) -> list[GenerationOutput | list[GenerationOutput]]:
+    """Greedy :func:`generate` with each of ``policies``, prefilling the prompts once for all of
+    them: one output (or list, for a list of prompts) per policy, token for token what
+    :func:`generate` gives with that policy alone. Every policy must compress only after the
+    prompt (or context, with ``question``), so that the prefill is the same for all: the prompt-end
+    schedule, or no eviction, and no attention hook (LESS). Each policy's ``prefill_seconds``
+    counts the whole shared prefill, so its timings are what it would take alone."""
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    if not policies:
+        raise ValueError("no policy given")
+    for p in policies:
+        p.bind(model)
+        if not prefill_shareable(p):
+            raise ValueError(f"policy {p.name} compresses during the prefill or changes its attention; "
+                             "it cannot share a prefill")
+    single, ids, asked, lengths = _prepared(model, tokenizer, prompt, question)
+    base = MemoryRunner(model, make_policy("full"), len(ids))
+    base.cache.query_window = widest_query_window(policies)
+    eos = _eos_ids(model, tokenizer) if eos_token_id == "auto" else set(eos_token_id or [])
+    results = []
+    with memory_attention_enabled(model):
+        t0 = time.perf_counter()
+        prompt_logits = _prefill(base, ids)
+        shared_seconds = time.perf_counter() - t0
+        for policy in policies:
+            runner = MemoryRunner.forked(base, policy, record_history)
+            t0 = time.perf_counter()
+            logits = _end_prompt(runner, prompt_logits, asked)
+            t1 = time.perf_counter()
+            decoder = _Decoder(runner, tokenizer, eos, LogitsProcessorList(), stop, False, None, model_context(model),
+                               lengths, max_new_tokens)
+            generated = decoder.run(logits, False)
+            t2 = time.perf_counter()
+            outputs = _outputs(runner, tokenizer, generated, lengths, eos, stop, shared_seconds + t1 - t0, t2 - t1)
+            results.append(outputs[0] if single else outputs)
+    return results
+
+
+def prefill_shareable(policy: MemoryPolicy) -> bool:
+    """Whether ``policy`` leaves a prefill untouched, so :func:`generate_shared` can share it:
+    it compresses only at the prompt's end (or never) and has no attention hook."""
+    return (not policy.evicts or policy.schedule == "prompt-end") and policy.attend is None
+
+
+def widest_query_window(policies: list[MemoryPolicy]) -> int | None:
+    """The buffered queries per layer that serve every policy (None: all of them)."""
+    windows = [p.query_window for p in policies if p.evicts]
+    return None if None in windows else max(windows, default=0)
+
+
+def _prepared(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, prompt: Prompt | list[Prompt],
+              question: Prompt | list[Prompt] | None) -> tuple[bool, list[Tensor], list[Tensor] | None, list[int]]:
+    """(one prompt given, token ids per prompt, question ids per prompt or None, tokens per prompt
+    with its question)."""
     single = isinstance(prompt, str) or (isinstance(prompt, Tensor) and prompt.dim() == 1) or is_chat(prompt) or (
         isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int))
     prompts = [prompt] if single else list(prompt)
     if not prompts:
         raise ValueError("no prompt given")
-    if max_new_tokens < 0:
-        raise ValueError("max_new_tokens must be >= 0")
-    policy = make_policy("full") if policy is None else (make_policy(policy) if isinstance(policy, str) else policy)
     context = model_context(model)
     ids = tokenize_prompts(tokenizer, prompts, context)
     asked = None if question is None else _question_ids(tokenizer, question, single, ids, context)
     lengths = [len(x) for x in ids] if asked is None else [len(x) + len(q) for x, q in zip(ids, asked)]
-    B = len(ids)
-    runner = MemoryRunner(model, policy, B, chunk_size=chunk_size, record_history=record_history)
-    eos = _eos_ids(model, tokenizer) if eos_token_id == "auto" else set(eos_token_id or [])
-    procs = _sampler(do_sample, temperature, top_k, top_p)
-    stops = StopStrings(tokenizer, stop or []) if tokenizer is not None else None
-    gen: torch.Generator | None = None  # made on the logits' device at the first sample
-    generated: list[list[int]] = [[] for _ in range(B)]
-    finished = [False] * B
-    budget = [min(max_new_tokens, context - n) for n in lengths]
+    return single, ids, asked, lengths
 
-    with memory_attention_enabled(model):
-        t0 = time.perf_counter()
-        with tqdm(total=sum(lengths), desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
-            shared = runner.shareable(ids)  # identical prompts (a population): common prefix computed once
-            if shared:
-                runner.feed_shared(ids[0][:shared])
-                bar.update(shared * B)
-            logits = runner.feed([x[shared:] for x in ids], progress=bar)
-            if asked is None:
-                runner.end_prompt()
-            else:
-                runner.end_context()
-                with runner.updates_held():
-                    logits = runner.feed(asked, progress=bar)
-        t1 = time.perf_counter()
+
+def _prefill(runner: MemoryRunner, ids: list[Tensor], bar=None) -> Tensor:
+    """Feed every row its prompt (a common prefix of identical prompts computed once); the last logits."""
+    shared = runner.shareable(ids)  # identical prompts (a population): common prefix computed once
+    if shared:
+        runner.feed_shared(ids[0][:shared])
+        if bar is not None:
+            bar.update(shared * len(ids))
+    return runner.feed([x[shared:] for x in ids], progress=bar)
+
+
+def _end_prompt(runner: MemoryRunner, logits: Tensor, asked: list[Tensor] | None, bar=None) -> Tensor:
+    """After the prompt: compress on the prompt-end schedule, or, with questions, compress the
+    context and feed the questions without compressing; the logits decoding starts from."""
+    if asked is None:
+        runner.end_prompt()
+        return logits
+    runner.end_context()
+    with runner.updates_held():
+        return runner.feed(asked, progress=bar)
+
+
+@dataclass
+class _Decoder:
+    """The decoding loop of one batch: picks tokens, stops rows, feeds the picks back."""
+
+    runner: MemoryRunner
+    tokenizer: PreTrainedTokenizerBase | None
+    eos: set[int]
+    procs: LogitsProcessorList
+    stop: list[str] | None
+    do_sample: bool
+    seed: int | None
+    context: int
+    lengths: list[int]
+    max_new_tokens: int
+
+    def run(self, logits: Tensor, progress: bool) -> list[list[int]]:
+        """The generated token ids of every row."""
+        B = len(self.lengths)
+        stops = StopStrings(self.tokenizer, self.stop or []) if self.tokenizer is not None else None
+        gen: torch.Generator | None = None  # made on the logits' device at the first sample
+        generated: list[list[int]] = [[] for _ in range(B)]
+        finished = [False] * B
+        budget = [min(self.max_new_tokens, self.context - n) for n in self.lengths]
         for step in tqdm(range(max(budget, default=0)), desc="decode", unit="tok", disable=not progress, leave=False):
-            if len(procs):
+            if len(self.procs):
                 history = torch.tensor([g[-1:] or [0] for g in generated], device=logits.device)
-                logits = procs(history, logits)
-            if do_sample:
+                logits = self.procs(history, logits)
+            if self.do_sample:
                 probs = torch.softmax(logits, dim=-1)
-                if gen is None and seed is not None:
-                    gen = seeded_generator(seed, probs.device)
+                if gen is None and self.seed is not None:
+                    gen = seeded_generator(self.seed, probs.device)
                 next_ids = torch.multinomial(probs, 1, generator=gen).flatten().tolist()
             else:
                 next_ids = logits.argmax(-1).tolist()
@@ -250,7 +354,7 @@ def generate(
                     continue
                 tok = next_ids[b]
                 generated[b].append(tok)
-                if tok in eos or (stops and stops.found(generated[b])):
+                if tok in self.eos or (stops and stops.found(generated[b])):
                     finished[b] = True
                 if finished[b] or step + 1 >= budget[b]:
                     finished[b] = True
@@ -259,14 +363,19 @@ def generate(
                     feed.append(torch.tensor([tok]))
             if all(finished):
                 break
-            logits = runner.feed(feed)
-        t2 = time.perf_counter()
+            logits = self.runner.feed(feed)
+        return generated
 
+
+def _outputs(runner: MemoryRunner, tokenizer: PreTrainedTokenizerBase | None, generated: list[list[int]],
+             lengths: list[int], eos: set[int], stop: list[str] | None, prefill_seconds: float,
+             decode_seconds: float) -> list[GenerationOutput]:
+    """One :class:`GenerationOutput` per row of a finished generation."""
     counts = runner.cache.token_counts().cpu()
     kv_now, kv_full = runner.kv_bytes(), runner.kv_bytes_full()
     peak = torch.maximum(runner.kv_bytes_peak, kv_now)
     outputs = []
-    for b in range(B):
+    for b in range(len(lengths)):
         tokens = [t for t in generated[b] if t not in eos]
         text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
         for s in stop or []:
@@ -276,8 +385,8 @@ def generate(
             text=text, token_ids=generated[b], prompt_tokens=lengths[b], tokens_seen=int(runner.seen[b]),
             cache_tokens_per_layer=counts[:, b].tolist(), kv_bytes=int(kv_now[b]), kv_bytes_full=int(kv_full[b]),
             kv_bytes_peak=int(peak[b]), kv_bytes_full_peak=int(kv_full[b]),
-            prefill_seconds=t1 - t0, decode_seconds=t2 - t1, policy_seconds=runner.policy_seconds,
-            less_state_bytes=policy.state_nbytes(),
+            prefill_seconds=prefill_seconds, decode_seconds=decode_seconds, policy_seconds=runner.policy_seconds,
+            less_state_bytes=runner.policy.state_nbytes(),
             history=[h for h in runner.history if h.row == b],
         ))
-    return outputs[0] if single else outputs
+    return outputs
