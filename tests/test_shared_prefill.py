@@ -12,6 +12,7 @@ from namm.cli import main
 from namm.memory.cache import MemoryCache
 from namm.memory.generation import generate_shared, widest_query_window
 from namm.policies.registry import make_policy
+from benchmark_modules import load_benchmark
 from test_evolve_helpers import save_tiny_model
 from tiny_models import random_prompt, tiny_model
 
@@ -82,3 +83,14 @@ def test_compare_shares_the_prefill_and_keeps_every_answer(tmp_path):
         keys = ("id", "prediction", "score", "kv_fraction", "cache_tokens_per_layer", "kv_bytes_peak")
         assert [{k: r[k] for k in keys} for r in shared] == [{k: r[k] for k in keys} for r in alone]
         assert all(r["prefill_shared_by"] == 3 for r in shared) and all("prefill_shared_by" not in r for r in alone)
+
+
+def test_benchmark_times_both_ways_and_checks_the_answers(tmp_path, capsys):
+    bench = load_benchmark("shared_prefill")
+    model_dir = str(save_tiny_model(tmp_path / "tiny"))
+    out = tmp_path / "bench.json"
+    assert bench.main(["--model", model_dir, "--task", "passkey", "--length", "400", "--samples", "2",
+                       "--policies", "h2o,tova", "--budgets", "0.3", "--query-agnostic", "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["runs"] == 2 and figures["same_answers_and_memory"] is True and figures["shared_s"] > 0
+    assert "faster; same answers and memory: True" in capsys.readouterr().out
