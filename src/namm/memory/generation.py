@@ -200,13 +200,13 @@ def generate(
     policy = make_policy("full") if policy is None else (make_policy(policy) if isinstance(policy, str) else policy)
     runner = MemoryRunner(model, policy, len(ids), chunk_size=chunk_size, record_history=record_history)
     eos = _eos_ids(model, tokenizer) if eos_token_id == "auto" else set(eos_token_id or [])
+    decoder = _Decoder(runner, tokenizer, eos, _sampler(do_sample, temperature, top_k, top_p), stop, do_sample, seed,
+                       model_context(model), lengths, max_new_tokens)
     with memory_attention_enabled(model):
         t0 = time.perf_counter()
         with tqdm(total=sum(lengths), desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
             logits = _end_prompt(runner, _prefill(runner, ids, bar), asked, bar)
         t1 = time.perf_counter()
-        decoder = _Decoder(runner, tokenizer, eos, _sampler(do_sample, temperature, top_k, top_p), stop, do_sample,
-                           seed, model_context(model), lengths, max_new_tokens)
         generated = decoder.run(logits, progress)
         t2 = time.perf_counter()
     outputs = _outputs(runner, tokenizer, generated, lengths, eos, stop, t1 - t0, t2 - t1)
