@@ -218,7 +218,7 @@ def evaluate_shared(model, tokenizer, policies: list[MemoryPolicy], samples: lis
     its ``extras`` entry), every batch prefilled once for all of them
     (:func:`~namm.memory.generation.generate_shared`: the policies must compress only after the
     prompt). Each run's answers and memory are what :func:`evaluate` gives it alone; its timings
-    count the whole shared prefill. A batch runs when any policy still lacks one of its samples."""
+    count the whole shared prefill. A batch runs for the policies that still lack one of its samples."""
     if not samples:
         raise ValueError("no samples to evaluate")
     if batch_size < 1:
@@ -245,8 +245,10 @@ def evaluate_shared(model, tokenizer, policies: list[MemoryPolicy], samples: lis
                disable=not progress)
     try:
         for batch in _batches(pending, batch_size):
-            for run, rows in zip(runs, _run_batch(model, tokenizer, policies, batch, question_after_compression)):
-                run.record(rows)
+            needing = [i for i, run in enumerate(runs) if any(s.id not in run.done for s in batch)]
+            answers = _run_batch(model, tokenizer, [policies[i] for i in needing], batch, question_after_compression)
+            for i, rows in zip(needing, answers):
+                runs[i].record(rows)
             bar.update(len(batch))
             if len(runs) == 1:
                 bar.set_postfix(score=f"{aggregate([runs[0].done[i] for i in ids if i in runs[0].done])['score']:.1f}")
