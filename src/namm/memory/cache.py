@@ -294,7 +294,8 @@ class MemoryLayer(CacheLayerMixin):
         if self.is_initialized:
             other.dtype, other.device = self.dtype, self.device
         other.state = dict(self.state)
-        other.keep_last_queries(query_window)
+        if query_window is not None:  # None: all of them, shared as the base compacted them
+            other.keep_last_queries(query_window)
 
 
 def step_inputs(attention_mask: Tensor | None, width: int) -> Tensor | None:
