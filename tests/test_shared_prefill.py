@@ -10,6 +10,7 @@ import pytest
 import namm
 from namm.cli import main
 from namm.memory.cache import MemoryCache
+from namm.memory.driver import MemoryRunner, memory_attention_enabled
 from namm.memory.generation import generate_shared, widest_query_window
 from namm.policies.registry import make_policy
 from benchmark_modules import load_benchmark
@@ -98,3 +99,12 @@ def test_benchmark_times_both_ways_and_checks_the_answers(tmp_path, capsys):
     figures = json.loads(out.read_text())
     assert figures["runs"] == 2 and figures["same_answers_and_memory"] is True and figures["shared_s"] > 0
     assert "faster; same answers and memory: True" in capsys.readouterr().out
+
+
+def test_a_compressed_cache_cannot_be_forked():
+    model = tiny_model("llama-gqa")
+    runner = MemoryRunner(model, make_policy("recency", budget=0.5, n_up=64), 1)
+    with memory_attention_enabled(model):
+        runner.feed([random_prompt(100)])  # one progressive update at 64 tokens
+    with pytest.raises(ValueError, match="never compressed can be forked"):
+        runner.cache.fork(make_policy("tova", budget=0.5, schedule="prompt-end"))

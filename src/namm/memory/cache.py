@@ -504,11 +504,10 @@ class MemoryCache(Cache):
         compressed nothing serves several policies on the prompt-end schedule
         (:func:`namm.memory.generation.generate_shared`). This cache must have buffered at least the
         queries ``policy`` reads (its ``query_window``); the fork keeps exactly those."""
-        if self.step is not None or self.history or self.prompt_compressed:
+        if self.step is not None or self.prompt_compressed or bool(self.previous_update.any()):
             raise ValueError("only a cache between steps that has never compressed can be forked")
         window = policy.query_window if policy.evicts else 0
-        if window is None and self.query_window is not None or (
-                window and self.query_window is not None and 0 <= self.query_window < window):
+        if self.query_window is not None and (window is None or window > self.query_window):
             raise ValueError(f"this cache buffered {self.query_window} queries per layer; the policy reads {window}")
         fork = MemoryCache(policy, len(self.layers), None, self.device, self.record_history, self.auto_prompt_end)
         fork.set_rows(self.num_rows)
