@@ -203,6 +203,16 @@ def markdown(lines: list[dict], baselines: list[str], args: argparse.Namespace) 
     ])
 
 
+def report_paths(out: Path, name: str | None) -> tuple[Path, Path]:
+    """Where the table and its data go: README.md and summary.json, or NAME.md and NAME.json."""
+    if name is None:
+        return out / "README.md", out / "summary.json"
+    if not name or "/" in name or name in ("README", "summary"):
+        raise SystemExit(f"namm_acceptance.py: error: --report {name!r} must be a plain file name other than "
+                         "README or summary")
+    return out / f"{name}.md", out / f"{name}.json"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="budget-mode NAMM checkpoint (a run's best/ or a shipped name)")
@@ -229,15 +239,18 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     p.add_argument("--out", default="docs/results/namm-acceptance",
                    help="folder of the runs, README.md and summary.json (default docs/results/namm-acceptance)")
+    p.add_argument("--report", default=None, metavar="NAME",
+                   help="write the table to OUT/NAME.md and its data to OUT/NAME.json instead of README.md and "
+                        "summary.json (e.g. a budget-mode table beside a threshold-mode one)")
     args = p.parse_args()
     baselines = [b for b in args.baselines.split(",") if b]
     lines = []
     for length in [int(x) for x in args.lengths.split(",")]:
         lines += verdicts(runs_of(args, length), length, baselines)
-    out = Path(args.out)
-    (out / "summary.json").write_text(json.dumps(lines, indent=1) + "\n")
+    table, data = report_paths(Path(args.out), args.report)
+    data.write_text(json.dumps(lines, indent=1) + "\n")
     text = markdown(lines, baselines, args)
-    (out / "README.md").write_text(text)
+    table.write_text(text)
     print(text)
     return 0
 

@@ -126,3 +126,12 @@ def test_baselines_read_from_an_earlier_folder(acc, monkeypatch, tmp_path):
     assert not line["baselines_hold_at_least_namm_kv"]
     text = acc.markdown([line], ["streaming"], argparse.Namespace(**vars(args), seed=100, samples=32, model="m"))
     assert "a baseline holds less KV than the NAMM" in text and "read from" in text
+
+
+def test_report_names_the_table_and_its_data(acc, tmp_path):
+    """--report NAME writes NAME.md and NAME.json, so a budget table can sit beside a threshold one."""
+    assert acc.report_paths(tmp_path, None) == (tmp_path / "README.md", tmp_path / "summary.json")
+    assert acc.report_paths(tmp_path, "budget") == (tmp_path / "budget.md", tmp_path / "budget.json")
+    for bad in ("", "a/b", "summary"):
+        with pytest.raises(SystemExit, match="--report"):
+            acc.report_paths(tmp_path, bad)
