@@ -244,10 +244,10 @@ def main() -> int:
                         "summary.json (e.g. a budget-mode table beside a threshold-mode one)")
     args = p.parse_args()
     baselines = [b for b in args.baselines.split(",") if b]
+    table, data = report_paths(Path(args.out), args.report)  # a bad name fails before any run
     lines = []
     for length in [int(x) for x in args.lengths.split(",")]:
         lines += verdicts(runs_of(args, length), length, baselines)
-    table, data = report_paths(Path(args.out), args.report)
     data.write_text(json.dumps(lines, indent=1) + "\n")
     text = markdown(lines, baselines, args)
     table.write_text(text)
