@@ -132,3 +132,22 @@ def test_sampling_is_seeded(model):
     a = namm.generate(model, None, prompt, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=3, max_new_tokens=8)
     b = namm.generate(model, None, prompt, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=3, max_new_tokens=8)
     assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("policy", [namm.make_policy("full"), namm.make_policy("h2o", budget=64, n_up=32)], ids=["full", "h2o"])
+def test_cache_is_freed_without_a_gc_pass(model, policy):
+    """A finished runner's cache (and the KV it holds) goes as soon as the runner does: nothing in
+    the runtime holds it in a reference cycle that only the garbage collector would break."""
+    import gc
+    import weakref
+
+    runner = MemoryRunner(model, policy, 1, chunk_size=50)
+    with torch.inference_mode(), memory_attention_enabled(model):
+        runner.feed([random_prompt(150)])
+    cache, keys = weakref.ref(runner.cache), weakref.ref(runner.cache.layers[0].keys)
+    gc.disable()
+    try:
+        del runner
+        assert cache() is None and keys() is None
+    finally:
+        gc.enable()

@@ -21,7 +21,6 @@ full-cache values exactly.
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 
 import torch
@@ -138,8 +137,6 @@ def record_prompt(model: PreTrainedModel, namm: NAMMPolicy, prompt_ids: Tensor, 
                        continuation=continuation, answer=answer_ids.clone(),
                        windows=torch.tensor([layer.sliding_window or NO_WINDOW for layer in layers]),
                        lead_logits=last.float().clone() if prompt_end else None)
-    del runner, recorder, layers
-    gc.collect()  # the cache and its layers reference each other: free the prompt's full cache now
     return record
 
 
@@ -207,10 +204,7 @@ def continuation_logits(model: PreTrainedModel, prompt: ProxyPrompt, held: Tenso
             logits = runner.feed([prompt.continuation] * P, all_logits=True, keep=A)
         parts.append(torch.stack([row[-A:] for row in logits]))
         del runner, logits
-    tail = torch.cat(parts, 1)
-    del layers
-    gc.collect()  # free the P reduced caches now (their layers and cache reference each other)
-    return tail
+    return torch.cat(parts, 1)
 
 
 def continuation_scores(model: PreTrainedModel, prompt: ProxyPrompt, held: Tensor | None,

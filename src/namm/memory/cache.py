@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import torch
 from torch import Tensor
@@ -77,7 +78,7 @@ class MemoryLayer(CacheLayerMixin):
 
     def __init__(self, cache: "MemoryCache", layer_idx: int):
         super().__init__()
-        self.cache = cache
+        self._cache = weakref.ref(cache)  # the cache owns its layers; a weak link back frees both without a gc pass
         self.layer_idx = layer_idx
         self.positions: Tensor | None = None  # (B, H, K) int64
         self.state: dict[str, Tensor] = {}  # (B, H, Ks, ...) with Ks <= K; missing slots are zero
@@ -91,6 +92,14 @@ class MemoryLayer(CacheLayerMixin):
         self.scaling: float = 1.0
         self.sliding_window: int | None = None
         self._stores: dict[str, Tensor] = {}  # backing stores of appended tensors (see _append)
+
+    @property
+    def cache(self) -> "MemoryCache":
+        """The cache this layer belongs to."""
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError("this layer's MemoryCache no longer exists")
+        return cache
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         B, H, _, D = key_states.shape

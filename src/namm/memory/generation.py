@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass, field
 
@@ -261,8 +260,7 @@ def generate_shared(
             t2 = time.perf_counter()
             outputs = _outputs(runner, tokenizer, generated, lengths, eos, stop, shared_seconds + t1 - t0, t2 - t1)
             results.append(outputs[0] if single else outputs)
-            del runner  # a cache and its layers refer to each other: free this fork's now, not beside the next's
-            gc.collect()
+            del runner, decoder  # free this fork's cache now, not beside the next's
     return results
 
 
