@@ -77,11 +77,12 @@ def test_compare_shares_the_prefill_and_keeps_every_answer(tmp_path):
               "--schedule", "prompt-end", "--quiet"]
     shared_out = str(tmp_path / "shared")
     assert main(["compare", "--policies", "h2o", "--samples", "2", "--out", shared_out, *common]) == 0  # resumed below
-    assert main(["compare", "--policies", "h2o,tova,recency", "--samples", "3", "--out", shared_out, *common]) == 0
-    sharing = {"h2o": [None, None, 3], "tova": [2, 2, 3], "recency": [2, 2, 3]}  # h2o had the first batch already
-    for name in ("h2o", "tova", "recency"):
+    assert main(["compare", "--policies", "h2o,full,tova,recency", "--samples", "3", "--out", shared_out,
+                 *common]) == 0
+    sharing = {"h2o": [None, None, 4], "full": [3, 3, 4], "tova": [3, 3, 4], "recency": [3, 3, 4]}  # h2o had batch 1
+    for name in sharing:
         assert main(["compare", "--policies", name, "--samples", "3", "--out", str(tmp_path / name), *common]) == 0
-        run = f"runs/passkey/{name}-0.3-prompt-end"
+        run = "runs/passkey/full" if name == "full" else f"runs/passkey/{name}-0.3-prompt-end"
         shared = [json.loads(line) for line in (tmp_path / "shared" / run / "predictions.jsonl").open()]
         alone = [json.loads(line) for line in (tmp_path / name / run / "predictions.jsonl").open()]
         keys = ("id", "prediction", "score", "kv_fraction", "cache_tokens_per_layer", "kv_bytes_peak")

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
                     "OUT/runs/TASK/POLICY[-BUDGET][-SCHEDULE][-query-agnostic] and resumes when the command is "
                     "rerun; full-cache reference scores are cached and reused. --match-cache POLICY compares at "
                     "equal memory: every other policy runs at POLICY's measured mean KV fraction on each task. Runs of a "
-                    "task that compress only after the prompt (the prompt-end schedule, without LESS) share one "
+                    "task that compress only after the prompt (the prompt-end schedule, without LESS) or never (full) share one "
                     "prefill per batch: the same answers as run one by one, in a fraction of the time (their "
                     "tokens/s count the whole shared prefill).")
     add_model_args(p)
@@ -136,10 +136,11 @@ def resolve_run(args: argparse.Namespace, policy_name: str, budget: str | None, 
 
 
 def shares_prefill(policy) -> bool:
-    """Whether a run can share its prefill with others of the task: it evicts, and only after the prompt."""
+    """Whether a run can share its prefill with others of the task: it evicts only after the
+    prompt, or never (the full cache)."""
     from namm.memory.generation import prefill_shareable
 
-    return policy.evicts and prefill_shareable(policy)
+    return prefill_shareable(policy)
 
 
 def run(args: argparse.Namespace) -> int:
