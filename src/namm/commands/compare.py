@@ -31,9 +31,9 @@ def add_parser(sub) -> None:
                     "OUT/runs/TASK/POLICY[-BUDGET][-SCHEDULE][-query-agnostic] and resumes when the command is "
                     "rerun; full-cache reference scores are cached and reused. --match-cache POLICY compares at "
                     "equal memory: every other policy runs at POLICY's measured mean KV fraction on each task. Runs of a "
-                    "task that compress only after the prompt (the prompt-end schedule, without LESS) or never (full) share one "
-                    "prefill per batch: the same answers as run one by one, in a fraction of the time (their "
-                    "tokens/s count the whole shared prefill).")
+                    "task that compress only after the prompt (the prompt-end schedule, without LESS) or never "
+                    "(full) share one prefill per batch: the same answers as run one by one, in a fraction of the "
+                    "time (their tokens/s count the whole shared prefill).")
     add_model_args(p)
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated policies (default: {DEFAULT_POLICIES})")
     p.add_argument("--budgets", default=None,
