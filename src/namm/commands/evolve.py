@@ -81,7 +81,8 @@ def add_parser(sub) -> None:
     p.add_argument("--n-up", type=int, default=512, help="tokens between memory updates (default 512)")
     p.add_argument("--one-by-one", action="store_true",
                    help="score members one at a time instead of as one batch (slower; for comparison)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of CMA-ES and of the training prompts' draws; a resumed run keeps its own (default 0)")
     p.add_argument("--out", help="run directory (created)")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
     p.add_argument("--init-from", metavar="DIR",

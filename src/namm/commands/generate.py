@@ -22,12 +22,14 @@ def add_parser(sub) -> None:
     p.add_argument("--chat", action="store_true",
                    help="render the prompt with the tokenizer's chat template: the file is the user's message, or a "
                         'JSON list of {"role": ..., "content": ...} messages')
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --sample (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="with --sample, draw from the k likeliest tokens only (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="with --sample, draw from the smallest set of tokens holding this probability (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of --sample, for a repeatable draw")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
     p.set_defaults(run=run)

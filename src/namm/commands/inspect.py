@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_policy_args(p, default="namm")
     p.add_argument("--prompt-file", required=True, help="text file holding the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate (default 32)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(run=run)
 

@@ -48,7 +48,8 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-every", type=int, default=20, help="Adam steps between validation checks (default 20)")
     p.add_argument("--patience", type=int, default=5,
                    help="stop a pass after this many checks in which no layer improved (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the kernels' initial weights and of the training sequences (default 0)")
     p.set_defaults(run=run)
 
 
