@@ -42,14 +42,23 @@ def scorer_spec(text: str) -> str | dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--population", type=int, default=32)
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--length", type=int, default=1584)
-    parser.add_argument("--scorer", default="mlp:8")
-    parser.add_argument("--real-prompts", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--population", type=int, default=32,
+                        help="members of the generation, drawn N(0, 0.065^2) like a first CMA-ES generation "
+                             "(default: %(default)s)")
+    parser.add_argument("--prompts", type=int, default=16,
+                        help="prompts every member is scored on, cycling through niah_multikey, kv_retrieval and "
+                             "passage_retrieval (default: %(default)s)")
+    parser.add_argument("--length", type=int, default=1584, help="prompt length in tokens (default: %(default)s)")
+    parser.add_argument("--scorer", default="mlp:8",
+                        help="NAMM scorer: bam, mlp (linear) or mlp:H1,H2,... (hidden sizes) (default: %(default)s)")
+    parser.add_argument("--real-prompts", type=int, default=1,
+                        help="prompts actually run under real eviction; their time is extrapolated to --prompts "
+                             "prompts (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="also write the figures to this JSON file (default: print only)")
     args = parser.parse_args()
+    if not 1 <= args.real_prompts <= args.prompts:
+        parser.error(f"--real-prompts must be between 1 and --prompts ({args.prompts}), got {args.real_prompts}")
     torch.set_num_threads(args.threads)
     model, tokenizer = namm.load_model("smollm2-135m")
     samples = [(0, s) for i in range(args.prompts)

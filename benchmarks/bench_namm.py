@@ -89,8 +89,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--short", type=int, default=4096, help="short prompt length (default 4096; 0 skips)")
     parser.add_argument("--long", type=int, default=8000, help="long prompt length (default 8000; 0 skips)")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed prefills of every contender per prompt, taken in turns; the best time counts "
+                             "(default %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     parser.add_argument("--out", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.threads:

@@ -13,7 +13,8 @@ transformers 5.2.0)::
 
 What runs (defaults): SmolLM2-135M (the registry's ``smollm2-135m``, float32, CPU, one thread per
 process), tasks niah_single and passkey at 2,048 tokens, 24 prompts each, compression 0.5
-(kvpress ``compression_ratio=0.5``, namm ``budget=0.5``), both protocols:
+(kvpress ``compression_ratio=0.5``, namm ``budget=0.5``; ``--budget b`` runs kvpress at
+``compression_ratio=1-b``), both protocols:
 
 * query-aware: the question is in the prompt before compression;
 * query-agnostic: the context is compressed before the question is seen (kvpress's convention,
@@ -107,10 +108,11 @@ def plain_model_dir(model_dir: Path, target: Path) -> Path:
     return target
 
 
-def kvpress_command(python: str, prompts: Path, model: Path, rows: Path, verify: bool) -> list[str]:
-    """The kvpress side's command line (one thread; it inherits this process's niceness)."""
+def kvpress_command(python: str, prompts: Path, model: Path, rows: Path, verify: bool, budget: float) -> list[str]:
+    """The kvpress side's command line at namm's ``budget`` (kvpress removes the rest: its
+    ``compression_ratio`` is 1 - budget); one thread, and it inherits this process's niceness."""
     cmd = [python, str(HERE / "kvpress_side.py"), "--prompts", str(prompts), "--model", str(model),
-           "--out", str(rows), "--threads", "1"]
+           "--out", str(rows), "--threads", "1", "--ratio", f"{compression_ratio(budget):g}"]
     return cmd + (["--verify"] if verify else [])
 
 
@@ -131,9 +133,19 @@ def read_namm_arm(out: Path, group: list[Sample], metrics: dict) -> Arm | None:
 NAMM_JOBS = [(QUERY_AWARE, "full")] + [(p, c) for p in PROTOCOLS for _, c in PAIRS if c not in (None, "full")]
 
 
-def namm_arm_dir(work: Path, task: str, protocol: str, name: str) -> Path:
-    """The evaluation folder of one namm arm (resumable)."""
-    return work / "namm" / task / f"{name}-{protocol}"
+def compression_ratio(budget: float) -> float:
+    """kvpress's ``compression_ratio`` (the share of tokens removed) for namm's ``budget`` (the share kept)."""
+    return round(1.0 - budget, 6)
+
+
+def rows_path(work: Path, budget: float) -> Path:
+    """The kvpress side's rows at one budget (a rerun at another budget starts its own file)."""
+    return work / f"kvpress-rows-ratio{compression_ratio(budget):g}.jsonl"
+
+
+def namm_arm_dir(work: Path, task: str, protocol: str, name: str, budget: float) -> Path:
+    """The evaluation folder of one namm arm (resumable); compressing arms have one per budget."""
+    return work / "namm" / task / (f"{name}-{protocol}" if name == "full" else f"{name}-{budget:g}-{protocol}")
 
 
 def full_serves_both_protocols(arms: dict[tuple, Arm], tasks) -> dict[tuple, Arm]:
@@ -144,12 +156,12 @@ def full_serves_both_protocols(arms: dict[tuple, Arm], tasks) -> dict[tuple, Arm
     return arms
 
 
-def namm_arms_on_disk(samples: dict[str, list[Sample]], work: Path) -> dict[tuple, Arm]:
+def namm_arms_on_disk(samples: dict[str, list[Sample]], work: Path, budget: float) -> dict[tuple, Arm]:
     """The namm arms a previous run finished, read without running anything (``--table-only``)."""
     arms: dict[tuple, Arm] = {}
     for protocol, name in NAMM_JOBS:
         for task, group in samples.items():
-            out = namm_arm_dir(work, task, protocol, name)
+            out = namm_arm_dir(work, task, protocol, name, budget)
             if not (out / "metrics.json").exists():
                 continue
             arm = read_namm_arm(out, group, json.loads((out / "metrics.json").read_text(encoding="utf-8")))
@@ -164,7 +176,7 @@ def run_namm(model, tokenizer, samples: dict[str, list[Sample]], work: Path, bud
     for protocol, name in NAMM_JOBS:
         for task, group in samples.items():
             policy = namm.make_policy(name) if name == "full" else namm.make_policy(name, budget=budget)
-            out = namm_arm_dir(work, task, protocol, name)
+            out = namm_arm_dir(work, task, protocol, name, budget)
             t0 = time.perf_counter()
             metrics = evaluate(model, tokenizer, policy, group, out_dir=out, progress=False, task=task,
                                model_name="smollm2-135m", question_after_compression=protocol == QUERY_AGNOSTIC)
@@ -285,6 +297,8 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
     md = out.with_suffix(".md")
     findings = kept_findings(md)
+    ratio = compression_ratio(meta["budget"])
+    budget_option = "" if meta["budget"] == 0.5 else f" --budget {meta['budget']:g}"
     header = f"""# namm versus kvpress: the same presses on the same prompts
 
 {partial_note(meta)}Reproduce (resumable: the same command continues an interrupted run):
@@ -293,15 +307,15 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
 python3 -m venv /work/kvpress-venv
 /work/kvpress-venv/bin/pip install torch==2.13.0 kvpress=={meta['kvpress_version']} \\
     'transformers=={meta['kvpress_transformers']}'
-nice -n 5 .venv/bin/python benchmarks/kvpress_crosscheck.py --kvpress-python /work/kvpress-venv/bin/python
+nice -n 5 .venv/bin/python benchmarks/kvpress_crosscheck.py --kvpress-python /work/kvpress-venv/bin/python{budget_option}
 ```
 
 Model {meta['model']} (float32, CPU), tasks {', '.join(meta['tasks'])} at {meta['length']} tokens,
 {meta['samples']} prompts per task built by namm's task code (seed 0), greedy answers scored with namm's
 metric (string match). kvpress {meta['kvpress_version']} ran under transformers
 {meta['kvpress_transformers']} in its own virtual environment; namm under transformers
-{meta['namm_transformers']}; both sides read the same token ids and the same weights. Compression 0.5:
-kvpress `compression_ratio=0.5`, namm `budget=0.5`. **query-aware**: the question is in the prompt
+{meta['namm_transformers']}; both sides read the same token ids and the same weights. Compression {ratio:g}:
+kvpress `compression_ratio={ratio:g}`, namm `budget={meta['budget']:g}`. **query-aware**: the question is in the prompt
 before compression; **query-agnostic**: the context is compressed before the question is seen
 (kvpress's convention; namm `--question-after-compression`). kvpress compresses once, at the end of
 what it prefills; namm's policies run on their papers' schedules (`progressive`: every 512 tokens
@@ -332,18 +346,23 @@ def read_rows(path: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kvpress-python", required=True, help="the interpreter of the kvpress virtual environment")
-    p.add_argument("--tasks", default="niah_single,passkey")
-    p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--samples", type=int, default=24)
-    p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--tasks", default="niah_single,passkey", help="comma-separated namm tasks (default: %(default)s)")
+    p.add_argument("--length", type=int, default=2048, help="prompt length in tokens (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=24, help="prompts per task (default: %(default)s)")
+    p.add_argument("--budget", type=float, default=0.5,
+                   help="fraction of tokens kept: namm's policies run at this budget, kvpress's presses at "
+                        "compression_ratio 1 - budget (default: %(default)s)")
     p.add_argument("--work", type=Path, default=None, help="resumable work folder (default: $NAMM_CACHE/kvpress-crosscheck)")
-    p.add_argument("--out", type=Path, default=HERE.parent / "docs" / "results" / "kvpress")
+    p.add_argument("--out", type=Path, default=HERE.parent / "docs" / "results" / "kvpress",
+                   help="results path without suffix: writes OUT.md and OUT.json (default: %(default)s)")
     p.add_argument("--skip-namm", action="store_true", help="only the kvpress side (then the table)")
     p.add_argument("--table-only", action="store_true",
                    help="run nothing: write the table from the arms both sides have finished (a partial run)")
     p.add_argument("--verify", action="store_true",
                    help="first check kvpress's shared prefill against each press's own context manager")
     a = p.parse_args(argv)
+    if not 0.0 < a.budget < 1.0:
+        sys.exit(f"--budget must be between 0 and 1 (the fraction of tokens kept), got {a.budget}")
     torch.set_num_threads(1)
     start = time.perf_counter()
     work = a.work or cache_dir() / "kvpress-crosscheck"
@@ -356,12 +375,12 @@ def main(argv: list[str] | None = None) -> None:
     records = [prompt_record(tokenizer, t, s) for t, group in samples.items() for s in group]
     prompts.write_text(json.dumps({"model_dir": str(model_dir), "samples": records}), encoding="utf-8")
     split_same = sum(r["context_ids"] + r["question_ids"] == r["prompt_ids"] for r in records)
-    rows_file = work / "kvpress-rows.jsonl"
+    rows_file = rows_path(work, a.budget)
     if a.table_only:
-        namm_arms = namm_arms_on_disk(samples, work)
+        namm_arms = namm_arms_on_disk(samples, work, a.budget)
     else:
         cmd = kvpress_command(a.kvpress_python, prompts, plain_model_dir(model_dir, work / "model-plain"), rows_file,
-                              a.verify)
+                              a.verify, a.budget)
         log = (work / "kvpress-side.log").open("a", encoding="utf-8")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         namm_arms = {} if a.skip_namm else run_namm(model, tokenizer, samples, work, a.budget)

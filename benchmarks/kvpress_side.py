@@ -253,15 +253,20 @@ def done_keys(path: Path) -> set[tuple[str, str, str]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompts", type=Path, required=True)
+    p.add_argument("--prompts", type=Path, required=True,
+                   help="prompts JSON file written by kvpress_crosscheck.py (token ids included)")
     p.add_argument("--model", required=True, help="model directory (its tokenizer must have no chat template)")
     p.add_argument("--out", type=Path, required=True, help="JSONL rows (appended; a rerun resumes)")
-    p.add_argument("--presses", default=",".join(PRESSES))
-    p.add_argument("--protocols", default=",".join(PROTOCOLS))
+    p.add_argument("--presses", default=",".join(PRESSES),
+                   help="comma-separated presses to run; the full cache runs too unless KVzip is the only one "
+                        "(default: %(default)s)")
+    p.add_argument("--protocols", default=",".join(PROTOCOLS),
+                   help="comma-separated protocols: query-aware (question in the prefill) and/or query-agnostic "
+                        "(context compressed before the question) (default: %(default)s)")
     p.add_argument("--kvzip-protocols", default="query-agnostic", help="KVzip is query-agnostic by design")
     p.add_argument("--ratio", type=float, default=0.5, help="kvpress compression_ratio (fraction removed)")
     p.add_argument("--limit", type=int, default=None, help="first N samples of each task only")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: %(default)s)")
     p.add_argument("--verify", action="store_true", help="check the shared prefill against press(model) first")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)

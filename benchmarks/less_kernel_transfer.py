@@ -46,12 +46,16 @@ def shares(model, data: dict, kernels_path: str) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="model: registry name or path (default: %(default)s)")
     p.add_argument("--kernels", required=True, help="comma-separated LESS kernels (names or paths)")
     p.add_argument("--policies", default="namm,h2o:0.1", help="comma-separated NAME or NAME:BUDGET")
-    p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--queries", type=int, default=256)
+    p.add_argument("--length", type=int, default=2048,
+                   help="tokens of the held-out corpus sequence every policy reads (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the held-out sequence and of the sampled query positions (default: %(default)s)")
+    p.add_argument("--queries", type=int, default=256,
+                   help="query positions sampled per layer (from its first memory update on) to measure the MSE "
+                        "on (default: %(default)s)")
     args = p.parse_args(argv)
     model, tokenizer = namm.load_model(args.model)
     tokens = corpus_tokens(tokenizer, args.length, split="heldout", seed=args.seed).to(model.device)

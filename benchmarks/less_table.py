@@ -116,22 +116,27 @@ def retrieval_table(task: str, length: int, found: dict[str, dict]) -> tuple[str
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="model every namm eval runs (default %(default)s)")
     p.add_argument("--checkpoint", default=None, help="NAMM checkpoint (default: the model's shipped one)")
     p.add_argument("--n-up", type=int, default=None, help="h2o's tokens between updates (default 512, as trained)")
     p.add_argument("--h2o-less", required=True, help="LESS kernels trained on h2o@0.1 (name or path)")
     p.add_argument("--namm-less", required=True, help="LESS kernels trained on the shipped NAMM (name or path)")
     p.add_argument("--extra-tokens", type=int, default=5,
                    help="tokens per layer the NAMM's equal-bytes row keeps beyond its threshold (default 5)")
-    p.add_argument("--lengths", default="2048,4096")
+    p.add_argument("--lengths", default="2048,4096",
+                   help="comma-separated sequence lengths in tokens of the perplexity tables (default %(default)s)")
     p.add_argument("--samples", type=int, default=5, help="held-out sequences per length (default 5)")
     p.add_argument("--retrieval", default="passkey", help="retrieval task ('' to skip; default passkey)")
-    p.add_argument("--retrieval-length", type=int, default=2048)
-    p.add_argument("--retrieval-samples", type=int, default=32)
-    p.add_argument("--retrieval-seed", type=int, default=100)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--retrieval-length", type=int, default=2048,
+                   help="retrieval prompt length in tokens (default %(default)s)")
+    p.add_argument("--retrieval-samples", type=int, default=32, help="retrieval prompts (default %(default)s)")
+    p.add_argument("--retrieval-seed", type=int, default=100,
+                   help="seed of the retrieval prompts (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads passed to every namm eval (default: namm eval's own, all cores)")
     p.add_argument("--only", default=None, help="comma-separated rows to run (default: all)")
-    p.add_argument("--out", type=Path, default=Path("docs/results/less"))
+    p.add_argument("--out", type=Path, default=Path("docs/results/less"),
+                   help="folder of the rows' runs, results.md and results.json (default %(default)s)")
     args = p.parse_args(argv)
     wanted = rows(args)
     if args.only:

@@ -89,16 +89,19 @@ def parse_mode(entry: str) -> tuple[float | None, dict]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a NAMM checkpoint on the prompt-end schedule")
-    p.add_argument("--model", default="qwen2.5-coder-0.5b")
-    p.add_argument("--task", default="niah_multikey")
-    p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--seed", type=int, default=60)
+    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="model: registry name or path (default: %(default)s)")
+    p.add_argument("--task", default="niah_multikey",
+                   help="task whose reference answer appears verbatim in the context (default: %(default)s)")
+    p.add_argument("--length", type=int, default=2048, help="prompt length in tokens (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=8, help="prompts to diagnose (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=60,
+                   help="seed of the prompts; pick one apart from training and evaluation seeds (default: %(default)s)")
     p.add_argument("--budgets", default="0.25,0.5",
                    help="budget fractions and/or 'threshold' (the checkpoint's threshold mode), each optionally "
                         "with +threshold=T, +floor=F, +pool=P, +max_fraction=M changing the selection")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--out", type=Path,
+                   help="also write the per-prompt rows and their means to this JSON file (default: print only)")
     args = p.parse_args(argv)
     set_threads(args)
     model, tokenizer = namm.load_model(args.model)

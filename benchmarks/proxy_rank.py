@@ -4,7 +4,7 @@
                                     [--max-length 2096] [--budget 0.4] [--out FILE.json]
 
 Two member sets, each scored on the same held-in prompts of the run's training pool (at most
-``max-length`` tokens, spread over its tasks) by the proxy and by real progressive eviction with the
+``max-length`` + 64 tokens, spread over its tasks) by the proxy and by real progressive eviction with the
 answer teacher-forced (``AnswerScorer``), in budget mode at ``budget``:
 
 * ``cmaes``: a population drawn from the run's current CMA-ES state (what the proxy must rank
@@ -43,13 +43,20 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--members", type=int, default=16)
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=2096)
-    parser.add_argument("--budget", type=float, default=0.4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--run", type=Path, required=True,
+                        help="evolution run folder (its config, training pool, normalization and CMA-ES state)")
+    parser.add_argument("--members", type=int, default=16,
+                        help="members in each set, cmaes (at most its population size) and random "
+                             "(default: %(default)s)")
+    parser.add_argument("--prompts", type=int, default=4,
+                        help="prompts of the run's training pool, taken in turn from its tasks (default: %(default)s)")
+    parser.add_argument("--max-length", type=int, default=2096,
+                        help="use only pool prompts of at most this many tokens, plus 64 tokens of slack "
+                             "(default: %(default)s)")
+    parser.add_argument("--budget", type=float, default=0.4,
+                        help="budget-mode budget (fraction of tokens kept) of every member (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="also write the results to this JSON file (default: print only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = load_run_config(args.run)

@@ -139,11 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, action="append",
                    help="budget-mode NAMM checkpoint (a run's best/, means/gen-NNNN or a name); repeat to compare several")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--tasks", default=TRAINING_TASKS)
-    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--model", default="smollm2-135m", help="model: registry name or path (default %(default)s)")
+    p.add_argument("--tasks", default=TRAINING_TASKS,
+                   help="comma-separated tasks (default: the campaign's training tasks, %(default)s)")
+    p.add_argument("--length", type=int, default=2048, help="prompt length in tokens (default %(default)s)")
     p.add_argument("--samples", type=int, default=4, help="prompts per task")
-    p.add_argument("--seed", type=int, default=50)
+    p.add_argument("--seed", type=int, default=50,
+                   help="seed of the prompts; keep it apart from the campaign's training seeds (default %(default)s)")
     p.add_argument("--budgets", default="0.25,0.5",
                    help="comma-separated budgets; 'threshold' runs the NAMM in threshold mode (default 0.25,0.5)")
     p.add_argument("--baselines", default=BASELINES, help="comma-separated baselines ('' for none)")
@@ -162,8 +164,10 @@ def main(argv: list[str] | None = None) -> None:
                         "and every policy compresses that recording once, then reads the rest and the answer "
                         "(exact for NAMMs and for baselines that read no queries, all on the prompt-end schedule; "
                         "several times faster)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--out", type=Path,
+                   help="write the rows and per-prompt values to this JSON file, rewritten after every row "
+                        "(default: print only)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

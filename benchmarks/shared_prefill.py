@@ -26,15 +26,18 @@ from namm.tasks import get_task
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--task", default="niah_single")
-    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--model", default="smollm2-135m", help="model: registry name or path (default: %(default)s)")
+    p.add_argument("--task", default="niah_single", help="task the prompts come from (default: %(default)s)")
+    p.add_argument("--length", type=int, default=2048, help="prompt length in tokens (default: %(default)s)")
     p.add_argument("--samples", type=int, default=2, help="prompts, run as one batch")
-    p.add_argument("--seed", type=int, default=300)
-    p.add_argument("--policies", default="recency,streaming,h2o,l2,tova,random")
-    p.add_argument("--budgets", default="0.25,0.5")
+    p.add_argument("--seed", type=int, default=300, help="seed of the prompts (default: %(default)s)")
+    p.add_argument("--policies", default="recency,streaming,h2o,l2,tova,random",
+                   help="comma-separated policies, each run on the prompt-end schedule at every budget "
+                        "(default: %(default)s)")
+    p.add_argument("--budgets", default="0.25,0.5",
+                   help="comma-separated budgets (fractions of the tokens kept) (default: %(default)s)")
     p.add_argument("--query-agnostic", action="store_true", help="compress the context before the question")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
     set_threads(args)

@@ -125,12 +125,14 @@ def kept_shares(model, policy, ids: torch.Tensor, classes: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help="model: registry name or path (default: %(default)s)")
     parser.add_argument("--checkpoint", default=None, help="NAMM checkpoint (default: the one shipped for the model)")
     parser.add_argument("--budget", type=float, default=None, help="budget mode at this budget (default: threshold mode)")
-    parser.add_argument("--length", type=int, default=3072)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("docs/results/token-classes"))
+    parser.add_argument("--length", type=int, default=3072,
+                        help="tokens of each held-out prompt, the code one and the prose one (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/token-classes"),
+                        help="output path without suffix: writes OUT.json, OUT.md and OUT.png (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = namm.load_model(args.model)

@@ -114,15 +114,21 @@ def table(rows: list[dict], baselines: list[str], args: argparse.Namespace, argv
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="smollm2-135m", help="NAMM checkpoint (shipped name or path)")
-    p.add_argument("--models", default="gemma3-270m,qwen2.5-coder-0.5b")
-    p.add_argument("--lengths", default="2048,4096")
-    p.add_argument("--tasks", default="niah_single,passkey,multidoc_qa")
-    p.add_argument("--baselines", default=BASELINES)
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seed", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=Path("docs/results/transfer"))
+    p.add_argument("--models", default="gemma3-270m,qwen2.5-coder-0.5b",
+                   help="comma-separated target models the NAMM runs on (default: %(default)s)")
+    p.add_argument("--lengths", default="2048,4096",
+                   help="comma-separated prompt lengths in tokens (default: %(default)s)")
+    p.add_argument("--tasks", default="niah_single,passkey,multidoc_qa",
+                   help="comma-separated offline tasks (default: %(default)s)")
+    p.add_argument("--baselines", default=BASELINES,
+                   help="comma-separated baselines, each run at the NAMM's measured KV fraction (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=32, help="prompts per task and length (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=100,
+                   help="seed of the evaluation prompts; keep it apart from training seeds (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts decoded together (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=Path("docs/results/transfer"),
+                   help="folder of the runs, README.md and summary.json; rerunning resumes (default: %(default)s)")
     args = p.parse_args(argv)
     for model in [m for m in args.models.split(",") if m]:
         for length in [int(x) for x in args.lengths.split(",")]:

@@ -34,7 +34,7 @@ def test_table_rows_flags_only_real_differences(xc):
 def test_findings_survive_a_rewrite(xc, tmp_path):
     out = tmp_path / "kvpress"
     meta = {"kvpress_version": "0", "kvpress_transformers": "0", "namm_transformers": "0",
-            "model": "m", "tasks": ["passkey"], "length": 64, "samples": 1}
+            "model": "m", "tasks": ["passkey"], "length": 64, "samples": 1, "budget": 0.5}
     xc.write_results(out, [], meta)
     md = out.with_suffix(".md")
     assert "## Findings" in md.read_text()
@@ -58,14 +58,15 @@ def test_table_only_reads_finished_namm_arms_and_marks_the_table_partial(xc, tmp
             f'{{"id": "{i}", "score": {1.0 if i == "p0" else 0.0}, "prediction": " 1"}}\n' for i in ids))
 
     write_arm("full-query-aware", ["p0", "p1", "p2"])
-    write_arm("snapkv-query-aware", ["p0", "p1", "p2"])
-    write_arm("tova-query-aware", ["p0"])  # unfinished: left out
-    arms = xc.namm_arms_on_disk({"passkey": group}, tmp_path)
+    write_arm("snapkv-0.5-query-aware", ["p0", "p1", "p2"])
+    write_arm("snapkv-0.25-query-aware", ["p0", "p1", "p2"])  # another budget: not this table's
+    write_arm("tova-0.5-query-aware", ["p0"])  # unfinished: left out
+    arms = xc.namm_arms_on_disk({"passkey": group}, tmp_path, 0.5)
     assert set(arms) == {("passkey", "query-aware", "full"), ("passkey", "query-agnostic", "full"),
                          ("passkey", "query-aware", "snapkv")}
     assert arms[("passkey", "query-aware", "snapkv")].scores == [100.0, 0.0, 0.0]
     meta = {"kvpress_version": "0", "kvpress_transformers": "0", "namm_transformers": "0",
-            "model": "m", "tasks": ["passkey"], "length": 64, "samples": 3, "partial": True}
+            "model": "m", "tasks": ["passkey"], "length": 64, "samples": 3, "partial": True, "budget": 0.5}
     xc.write_results(tmp_path / "kvpress", [], meta)
     assert "**Partial table**" in (tmp_path / "kvpress.md").read_text()
     xc.write_results(tmp_path / "kvpress", [], {**meta, "partial": False})
@@ -84,3 +85,13 @@ def test_a_table_is_partial_until_every_arm_of_both_sides_is_in(xc):
     without_namm = [dict(r) for r in rows]
     del without_namm[1]["namm"]
     assert xc.is_partial(without_namm, ["passkey"])
+
+
+def test_both_sides_keep_the_same_share_at_any_budget(xc, tmp_path):
+    command = xc.kvpress_command("py", tmp_path / "p.json", tmp_path / "m", tmp_path / "rows.jsonl", False, 0.25)
+    assert command[command.index("--ratio") + 1] == "0.75"  # kvpress removes what namm does not keep
+    assert xc.rows_path(tmp_path, 0.25) != xc.rows_path(tmp_path, 0.5)
+    arms = {xc.namm_arm_dir(tmp_path, "passkey", "query-aware", "snapkv", b) for b in (0.25, 0.5)}
+    assert len(arms) == 2
+    assert xc.namm_arm_dir(tmp_path, "passkey", "query-aware", "full", 0.25) == \
+        xc.namm_arm_dir(tmp_path, "passkey", "query-aware", "full", 0.5)
