@@ -147,3 +147,31 @@ def test_generate_command_takes_chat(tmp_path, capsys):
                  "--max-new-tokens", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["prompt_tokens"] == len("<user>What is a cache?\n<assistant>")
+
+
+@pytest.mark.parametrize("name", ["full", "h2o"])
+def test_a_deep_copied_cache_continues_on_its_own(model, name):
+    """transformers' prompt-reuse idiom: prefill a prefix once, then generate from deep copies of
+    that cache; each copy is a cache of its own, and the prefilled one is left as it was."""
+    import copy
+
+    prefix, rest = random_prompt(150, seed=1), random_prompt(40, seed=2)
+    memory = namm.cache(model, POLICIES[name]())
+    with torch.inference_mode():
+        model(prefix[None], **{cache_argument(model): memory}, use_cache=True)
+    columns, kept = memory.get_seq_length(), memory.token_counts().clone()
+    ids = torch.cat([prefix, rest])[None]
+    outputs = []
+    for _ in range(2):
+        twin = copy.deepcopy(memory)
+        assert all(layer.cache is twin for layer in twin.layers)
+        with torch.inference_mode():
+            out = model.generate(ids, **{cache_argument(model): twin}, max_new_tokens=8, min_new_tokens=8,
+                                 do_sample=False)
+        outputs.append(out[0, ids.shape[1]:].tolist())
+        assert twin.get_seq_length() > columns
+    assert outputs[0] == outputs[1]
+    assert memory.get_seq_length() == columns and torch.equal(memory.token_counts(), kept)
+    if name == "full":
+        scratch, _ = native_generate(model, ids, POLICIES[name](), 8, None)
+        assert outputs[0] == scratch[0, ids.shape[1]:].tolist()

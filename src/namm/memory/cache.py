@@ -16,6 +16,7 @@ positions and padding reach the attention function, which completes the step (se
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import weakref
@@ -100,6 +101,17 @@ class MemoryLayer(CacheLayerMixin):
         if cache is None:
             raise RuntimeError("this layer's MemoryCache no longer exists")
         return cache
+
+    def __deepcopy__(self, memo: dict) -> "MemoryLayer":
+        """A deep copy linked to the copy of its cache when the copy started from the cache
+        (``copy.deepcopy(cache)``, transformers' way to reuse a prefilled cache), else to the same cache."""
+        twin = object.__new__(type(self))
+        memo[id(self)] = twin
+        for name, value in self.__dict__.items():
+            if name != "_cache":
+                twin.__dict__[name] = copy.deepcopy(value, memo)
+        twin._cache = weakref.ref(memo.get(id(self.cache), self.cache))
+        return twin
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         B, H, _, D = key_states.shape
