@@ -72,15 +72,15 @@ def accepts(policy: str, option: str) -> bool:
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
     """Every (task, policy, budget) to run, validated before any model is loaded. The full cache
-    runs first on each task (its answers are the reference every later row is normalised by); with
-    ``--match-cache`` the matched policy comes before it and the others' budget is :data:`MATCHED`;
+    runs first on each task (its answers are the reference every later row is normalised by, so they
+    are computed once); with ``--match-cache`` the matched policy comes next and the others' budget
+    is :data:`MATCHED`;
     with ``--data-file`` the one task is the file's stem."""
     from namm.policies.budget import Budget
     from namm.policies.registry import policy_names
     from namm.tasks import task_names
 
     policies = split_list(args.policies, "policies")
-    policies = sorted(policies, key=lambda p: p != "full")  # stable: the others keep their order
     if args.match_cache:
         if args.budgets:
             raise ValueError("--match-cache measures the budgets; drop --budgets")
@@ -90,6 +90,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
         budgets = split_list(args.budgets or DEFAULT_BUDGETS, "budgets")
         for b in budgets:
             Budget(b)
+    policies = sorted(policies, key=lambda p: p != "full")  # stable: the others keep their order
     for p in policies:
         if p not in policy_names():
             raise ValueError(f"unknown policy {p!r}; choose one of: {', '.join(policy_names())}")
