@@ -3,6 +3,8 @@ and chat messages as prompts, on tiny random models."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache, pipeline
@@ -153,8 +155,6 @@ def test_generate_command_takes_chat(tmp_path, capsys):
 def test_a_deep_copied_cache_continues_on_its_own(model, name):
     """transformers' prompt-reuse idiom: prefill a prefix once, then generate from deep copies of
     that cache; each copy is a cache of its own, and the prefilled one is left as it was."""
-    import copy
-
     prefix, rest = random_prompt(150, seed=1), random_prompt(40, seed=2)
     memory = namm.cache(model, POLICIES[name]())
     with torch.inference_mode():

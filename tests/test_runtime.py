@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -134,13 +137,11 @@ def test_sampling_is_seeded(model):
     assert a.token_ids == b.token_ids
 
 
-@pytest.mark.parametrize("policy", [namm.make_policy("full"), namm.make_policy("h2o", budget=64, n_up=32)], ids=["full", "h2o"])
+@pytest.mark.parametrize("policy", [namm.make_policy("full"), namm.make_policy("h2o", budget=64, n_up=32)],
+                         ids=["full", "h2o"])
 def test_cache_is_freed_without_a_gc_pass(model, policy):
     """A finished runner's cache (and the KV it holds) goes as soon as the runner does: nothing in
     the runtime holds it in a reference cycle that only the garbage collector would break."""
-    import gc
-    import weakref
-
     runner = MemoryRunner(model, policy, 1, chunk_size=50)
     with torch.inference_mode(), memory_attention_enabled(model):
         runner.feed([random_prompt(150)])

@@ -74,8 +74,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
     """Every (task, policy, budget) to run, validated before any model is loaded. The full cache
     runs first on each task (its answers are the reference every later row is normalised by, so they
     are computed once); with ``--match-cache`` the matched policy comes next and the others' budget
-    is :data:`MATCHED`;
-    with ``--data-file`` the one task is the file's stem."""
+    is :data:`MATCHED`; with ``--data-file`` the one task is the file's stem."""
     from namm.policies.budget import Budget
     from namm.policies.registry import policy_names
     from namm.tasks import task_names
@@ -136,14 +135,6 @@ def resolve_run(args: argparse.Namespace, policy_name: str, budget: str | None, 
     return build_policy(args, policy_name, used), used, matched_to
 
 
-def shares_prefill(policy) -> bool:
-    """Whether a run can share its prefill with others of the task: it evicts only after the
-    prompt, or never (the full cache)."""
-    from namm.memory.generation import prefill_shareable
-
-    return prefill_shareable(policy)
-
-
 def run(args: argparse.Namespace) -> int:
     runs = plan(args)
     with locked_output_dir(args.out) as out:
@@ -156,7 +147,7 @@ def run_plan(args: argparse.Namespace, runs: list[tuple[str, str, str | None]], 
     from namm.eval.plots import plot_score_vs_cache
     from namm.eval.report import markdown_table, mean_rows, normalized_score, reference_metrics, store_reference
     from namm.eval.runner import PREDICTIONS, evaluate_shared, read_predictions
-    from namm.memory.generation import model_context
+    from namm.memory.generation import model_context, prefill_shareable
 
     set_threads(args)
     model, tokenizer = load_model_from_args(args)
@@ -172,11 +163,11 @@ def run_plan(args: argparse.Namespace, runs: list[tuple[str, str, str | None]], 
                 print(f"{task}: {note}")
         samples = references[task]
         group = [resolve_run(args, policy_name, budget, matched.get(task))]
-        if shares_prefill(group[0][0]):  # later runs of the task that compress after the prompt too
+        if prefill_shareable(group[0][0]):  # later runs of the task that compress after the prompt (or never)
             for item in [r for r in pending if r[0] == task and r[1] != args.match_cache]:
                 if item[2] != MATCHED or task in matched:
                     run_item = resolve_run(args, item[1], item[2], matched.get(task))
-                    if shares_prefill(run_item[0]):
+                    if prefill_shareable(run_item[0]):
                         group.append(run_item)
                         pending.remove(item)
         dirs = [out / "runs" / task / run_name(args, policy, used) for policy, used, _ in group]

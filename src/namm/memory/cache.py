@@ -110,7 +110,8 @@ class MemoryLayer(CacheLayerMixin):
         for name, value in self.__dict__.items():
             if name != "_cache":
                 twin.__dict__[name] = copy.deepcopy(value, memo)
-        twin._cache = weakref.ref(memo.get(id(self.cache), self.cache))
+        cache = self.cache
+        twin._cache = weakref.ref(memo.get(id(cache), cache))
         return twin
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
