@@ -19,22 +19,20 @@ from namm.policies.wrapped import WrappedPolicy
 NEVER = torch.iinfo(torch.int32).max  # eviction index of a token still kept
 
 
-class _Recorder(WrappedPolicy):
-    """Run ``inner`` and record, per layer, every query, key and value through the attention hook,
-    the tokens seen at each update and, per (KV head, position), the index of the update that
-    evicted the token (:data:`NEVER` while kept)."""
+class EvictionRecorder(WrappedPolicy):
+    """Run ``inner`` (its ``attend`` hook too) and record, per layer, the tokens seen at each update
+    and, per (KV head, position), the index of the update that evicted the token (:data:`NEVER`
+    while kept). One row, ``length`` tokens at most."""
 
     def __init__(self, inner: MemoryPolicy, num_layers: int, length: int):
         super().__init__(inner)
         self.length = length
-        self.qkv: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(num_layers)]
         self.updates: list[list[int]] = [[] for _ in range(num_layers)]
         self.evicted_at: list[Tensor | None] = [None] * num_layers
 
     def attend(self, layer_idx, query, key, value, visible, scaling):
-        Q = query.shape[2]  # one row, no padding: the step's keys are the last Q slots
-        self.qkv[layer_idx].append((query[0], key[0, :, -Q:], value[0, :, -Q:]))
-        return None
+        hook = self.inner.attend
+        return None if hook is None else hook(layer_idx, query, key, value, visible, scaling)
 
     def select(self, view: LayerView) -> Tensor:
         keep = super().select(view)
@@ -46,6 +44,27 @@ class _Recorder(WrappedPolicy):
         self.evicted_at[layer][heads, view.positions[0, heads, slots]] = len(self.updates[layer])
         self.updates[layer].append(int(view.tokens_seen[0]))
         return keep
+
+    def intervals(self, layer: int) -> tuple[Tensor, Tensor]:
+        """``(updates, evict_at)`` of ``layer``: the tokens seen at each update before the last token
+        (long, CPU) and the update index that evicted each token, ``len(updates)`` for a token still
+        kept (updates at the end evict nothing any query sees)."""
+        updates = torch.tensor([u for u in self.updates[layer] if u < self.length], dtype=torch.long)
+        return updates, self.evicted_at[layer].clamp_max(len(updates))
+
+
+class _Recorder(EvictionRecorder):
+    """:class:`EvictionRecorder` that also records every query, key and value of every layer
+    through the attention hook (the inner policy's hook is not called)."""
+
+    def __init__(self, inner: MemoryPolicy, num_layers: int, length: int):
+        super().__init__(inner, num_layers, length)
+        self.qkv: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(num_layers)]
+
+    def attend(self, layer_idx, query, key, value, visible, scaling):
+        Q = query.shape[2]  # one row, no padding: the step's keys are the last Q slots
+        self.qkv[layer_idx].append((query[0], key[0, :, -Q:], value[0, :, -Q:]))
+        return None
 
 
 @torch.inference_mode()
@@ -64,8 +83,10 @@ def capture_sequence(model, tokens: Tensor, policy: MemoryPolicy, queries_per_se
         runner.feed([tokens])
     out: dict[str, Tensor] = {}
     for layer_idx, cache_layer in enumerate(runner.cache.layers):
-        updates = torch.tensor([u for u in record.updates[layer_idx] if u < T], dtype=torch.long)
-        if cache_layer.sliding_window is not None or len(updates) == 0:
+        if cache_layer.sliding_window is not None or record.evicted_at[layer_idx] is None:
+            continue
+        updates, evict_at = record.intervals(layer_idx)
+        if len(updates) == 0:
             continue
         q, k, v = (torch.cat(parts, dim=1).float() for parts in zip(*record.qkv[layer_idx]))  # (H or Hq, T, D)
         device = k.device
@@ -73,7 +94,6 @@ def capture_sequence(model, tokens: Tensor, policy: MemoryPolicy, queries_per_se
         t = pool[torch.randperm(len(pool), generator=gen)[:queries_per_seq]].sort().values
         interval = (torch.searchsorted(updates, t, right=True) - 1).to(device)
         t = t.to(device)
-        evict_at = record.evicted_at[layer_idx].clamp_max(len(updates))  # updates at T or later evict nothing
         Hq, H = q.shape[0], k.shape[0]
         positions = torch.arange(T, device=device)
         causal = positions[None, :] <= t[:, None]  # (Nq, T)

@@ -115,3 +115,33 @@ def mix_low_rank(sparse_out: Tensor, lse: Tensor, phi: Tensor, log_scale: Tensor
     weight = torch.where(den > 0, weight, torch.zeros_like(weight))
     low = num / den.clamp_min(tiny).unsqueeze(-1)
     return sparse_out + weight.unsqueeze(-1) * (low - sparse_out)
+
+
+def states_by_interval(psi: Tensor, values: Tensor, evict_at: Tensor, interval: Tensor) -> tuple[Tensor, Tensor]:
+    """The LESS state each query sees: every token evicted at or before the query's last update.
+
+    ``psi`` (..., H, T, R) key features, ``values`` (..., H, T, D), ``evict_at`` (..., H, T) the update
+    that evicted each token, ``interval`` (..., Q) each query's last update (−1: none yet, empty
+    state). Returns ``H`` (..., Q, H, R, D) and ``z`` (..., Q, H, R)."""
+    U = max(int(interval.max()) + 1, 1)
+    steps = torch.arange(U, device=evict_at.device).view(U, 1, 1)
+    evicted = (evict_at.unsqueeze(-3) <= steps).to(psi.dtype)  # (..., U, H, T)
+    state_h = torch.einsum("...uht,...htr,...htd->...uhrd", evicted, psi, values.to(psi.dtype))
+    state_z = torch.einsum("...uht,...htr->...uhr", evicted, psi)
+    *lead, _, H, R, D = state_h.shape
+    Q = interval.shape[-1]
+    at = interval.long().clamp_min(0)[..., None, None]  # (..., Q, 1, 1)
+    state_h = state_h.gather(-4, at[..., None].expand(*lead, Q, H, R, D))
+    state_z = state_z.gather(-3, at.expand(*lead, Q, H, R))
+    seen = (interval >= 0).to(psi.dtype)[..., None, None]
+    return state_h * seen[..., None], state_z * seen
+
+
+def mix_per_query(sparse_out: Tensor, lse: Tensor, phi: Tensor, log_scale: Tensor, state_h: Tensor,
+                  state_z: Tensor) -> Tensor:
+    """:func:`mix_low_rank` with one state per query (from :func:`states_by_interval`): ``sparse_out``
+    (..., H, G, Q, D), ``lse`` (..., H, G, Q), ``phi`` (..., H, G, Q, R), ``log_scale`` (..., H, G),
+    ``state_h`` (..., Q, H, R, D), ``state_z`` (..., Q, H, R). Returns (..., H, G, Q, D)."""
+    mixed = mix_low_rank(sparse_out.movedim(-2, -4).unsqueeze(-2), lse.movedim(-1, -3).unsqueeze(-1),
+                         phi.movedim(-2, -4).unsqueeze(-2), log_scale.unsqueeze(-3), state_h, state_z)
+    return mixed.squeeze(-2).movedim(-4, -2)  # (..., Q, H, G, 1, D) → (..., H, G, Q, D)

@@ -33,13 +33,19 @@ from tqdm.auto import tqdm
 
 from namm.less.capture import attention_modules, capture_sequence
 from namm.less.checkpoint import save_less_kernels
-from namm.less.kernels import KernelConfig, LayerKernels, LessKernels, head_mlp, mix_low_rank
+from namm.less.kernels import KernelConfig, LayerKernels, LessKernels, head_mlp, mix_per_query, states_by_interval
 from namm.policies.base import MemoryPolicy
 
 DATA_FORMAT = 2  # version of the captured data in OUT/data (2: eviction times instead of masks)
 FIELDS = ("q", "k", "v", "evict_at", "interval", "sparse", "lse", "target")
 LOG_SCALE_GRID = range(-21, 10, 3)  # coarse search of φ's log-scale before Adam
 PADDING = torch.iinfo(torch.int32).max  # ``evict_at`` of the keys that pad a shorter sequence: never evicted
+
+
+def sequence_lengths(seq_len: int | list[int], count: int) -> list[int]:
+    """The token count of each of ``count`` sequences: the lengths of ``seq_len`` in turn."""
+    cycle = seq_len if isinstance(seq_len, list) else [seq_len]
+    return [cycle[i % len(cycle)] for i in range(count)]
 
 
 @dataclass
@@ -63,17 +69,13 @@ class TrainConfig:
     eval_every: int = 20
     patience: int = 5
 
-    def _cycle(self) -> list[int]:
-        return self.seq_len if isinstance(self.seq_len, list) else [self.seq_len]
-
     def lengths(self) -> list[int]:
         """The token count of every captured sequence, training ones first, then validation ones."""
-        cycle = self._cycle()
-        return [cycle[i % len(cycle)] for i in range(self.sequences + self.validation)]
+        return sequence_lengths(self.seq_len, self.sequences + self.validation)
 
     def check(self, n_up: int | None) -> None:
         """ValueError on impossible sizes (``n_up`` None: not known before the policy is bound)."""
-        shortest = min(self._cycle())
+        shortest = min(self.lengths())
         if n_up is not None and shortest <= n_up:
             raise ValueError(f"seq_len ({shortest}) must exceed the policy's n_up ({n_up}) so that tokens are evicted")
         for name in ("sequences", "queries_per_seq", "steps", "batch_sequences", "hidden", "rank", "eval_every",
@@ -113,20 +115,10 @@ def group_loss(params: dict[str, Tensor], batch: dict[str, Tensor], o_proj: Tens
     S, L, H, G, Nq, D = sparse.shape
     out = sparse
     if use_less:
-        U = int(batch["interval"].max()) + 1
-        evicted = (batch["evict_at"].unsqueeze(2) <= torch.arange(U, device=sparse.device).view(U, 1, 1)).float()
         psi = _mlp(params, "psi", batch["k"])  # (S, L, H, T, R)
-        R = psi.shape[-1]
-        state_h = torch.einsum("sluht,slhtr,slhtd->sluhrd", evicted, psi, batch["v"])  # state after each update
-        state_z = torch.einsum("sluht,slhtr->sluhr", evicted, psi)
-        at = batch["interval"].long()[..., None, None]  # (S, L, Nq, 1, 1): each query's last update
-        state_h = state_h.gather(2, at[..., None].expand(S, L, Nq, H, R, D))
-        state_z = state_z.gather(2, at.expand(S, L, Nq, H, R))
-        phi = _mlp(params, "phi", batch["q"]).view(S, L, H, G, Nq, 1, R).permute(0, 1, 4, 2, 3, 5, 6)
-        mixed = mix_low_rank(sparse.permute(0, 1, 4, 2, 3, 5).unsqueeze(-2),
-                             batch["lse"].permute(0, 1, 4, 2, 3).unsqueeze(-1), phi,
-                             params["log_scale"].view(L, 1, H, G), state_h, state_z)  # (S, L, Nq, H, G, 1, D)
-        out = mixed.squeeze(-2).permute(0, 1, 3, 4, 2, 5)
+        state_h, state_z = states_by_interval(psi, batch["v"], batch["evict_at"], batch["interval"])
+        phi = _mlp(params, "phi", batch["q"]).view(S, L, H, G, Nq, -1)
+        out = mix_per_query(sparse, batch["lse"], phi, params["log_scale"].view(L, H, G), state_h, state_z)
     diff = (out - target).permute(0, 1, 4, 2, 3, 5).reshape(S, L, Nq, H * G * D)
     return torch.einsum("slnk,lmk->slnm", diff, o_proj).pow(2).mean(dim=(0, 2, 3))
 
@@ -288,6 +280,15 @@ def capture_all(model, tokenizer, policy: MemoryPolicy, data_dir: Path, config: 
     return files[:config.sequences], files[config.sequences:], fresh
 
 
+def claim_run_dir(out_dir: Path, settings: dict) -> None:
+    """Write ``settings`` to ``out_dir/settings.json``, or check that a run already there has the
+    same ones (ValueError otherwise: resuming must not mix two runs)."""
+    settings_file = out_dir / "settings.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
+        raise ValueError(f"{out_dir} holds a run with other settings; use a new --out directory")
+    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def train_less(model, tokenizer, policy: MemoryPolicy, out_dir: str | Path, config: TrainConfig,
                provenance: dict | None = None, progress: bool = True, init: LessKernels | None = None) -> Path:
     """Capture (or reuse) training data in ``out_dir/data``, fit the layers pass by pass (resuming
@@ -309,10 +310,7 @@ def train_less(model, tokenizer, policy: MemoryPolicy, out_dir: str | Path, conf
         kernels.load_state_dict(init.state_dict())
     settings = {"train": asdict(config), "kernels": kernels.config.to_dict(), "data_format": DATA_FORMAT,
                 **(provenance or {})}
-    settings_file = out_dir / "settings.json"
-    if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
-        raise ValueError(f"{out_dir} holds a run with other settings; use a new --out directory")
-    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+    claim_run_dir(out_dir, settings)
 
     start = time.perf_counter()
     files, held, fresh = capture_all(model, tokenizer, policy, out_dir / "data", config, progress)

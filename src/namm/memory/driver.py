@@ -37,14 +37,19 @@ __all__ = ["MemoryRunner", "UpdateRecord", "cache_argument", "memory_attention_e
 
 
 @contextmanager
-def memory_attention_enabled(model: PreTrainedModel) -> Iterator[None]:
-    """Switch the model to the memory attention function for the duration of a block."""
+def attention_implementation(model: PreTrainedModel, name: str) -> Iterator[None]:
+    """Switch the model to the registered attention function ``name`` for the duration of a block."""
     previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
+    model.set_attn_implementation(name)
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+def memory_attention_enabled(model: PreTrainedModel) -> Iterator[None]:
+    """Switch the model to the memory attention function for the duration of a block."""
+    return attention_implementation(model, ATTENTION_NAME)
 
 
 def cache_argument(model: PreTrainedModel) -> str:
