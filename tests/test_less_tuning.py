@@ -118,6 +118,13 @@ def test_models_and_sizes_it_cannot_tune():
         TuneConfig(validation=0).check(64)
 
 
+def test_kernels_of_another_model_are_refused(tmp_path):
+    other = LessKernels(KernelConfig.for_model(tiny_model("llama-mha"), hidden=8))
+    with pytest.raises(ValueError, match="this model needs"):
+        tune_less(tiny_model("llama-gqa"), ByteTokenizer(), h2o(), other, tmp_path, TuneConfig(seq_len=160),
+                  progress=False)
+
+
 def test_cli_tunes_and_reports(tmp_path, capsys):
     model_dir = str(save_tiny_model(tmp_path / "tiny"))
     start = save_less_kernels(tmp_path / "start", start_kernels(tiny_model("llama-gqa")))

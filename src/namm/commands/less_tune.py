@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
                         "alternate over the training and validation sequences")
     p.add_argument("--steps", type=int, default=100, help="Adam steps (default 100)")
     p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, cosine-annealed (default 1e-4)")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate, cosine-annealed (default 3e-4)")
     p.add_argument("--validation", type=int, default=2,
                    help="held-out training-split sequences that pick the best kernels (default 2)")
     p.add_argument("--eval-every", type=int, default=10, help="steps between validation checks (default 10)")

@@ -39,7 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from namm.less.capture import EvictionRecorder
 from namm.less.checkpoint import save_less_kernels
-from namm.less.kernels import LessKernels, mix_per_query, sparse_attention, states_by_interval
+from namm.less.kernels import KernelConfig, LessKernels, mix_per_query, sparse_attention, states_by_interval
 from namm.less.policy import LessPolicy
 from namm.less.training import claim_run_dir, sequence_lengths
 from namm.memory.driver import MemoryRunner, attention_implementation, memory_attention_enabled
@@ -58,7 +58,7 @@ class TuneConfig:
     seq_len: int | list[int] = 2048
     steps: int = 100
     batch_sequences: int = 1
-    lr: float = 1e-4
+    lr: float = 3e-4
     seed: int = 0
     validation: int = 2
     eval_every: int = 10
@@ -261,6 +261,10 @@ def tune_less(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, out_
     ``out_dir/less.safetensors`` + ``less.json`` (the kernels of lowest validation KL) and
     ``out_dir/tune_log.jsonl`` (one line per validation). Resumes from ``out_dir/tune_state.pt``."""
     check_model(model)
+    expected = KernelConfig.for_model(model, kernels.config.hidden, kernels.config.rank)
+    if kernels.config != expected:
+        raise ValueError(f"the kernels to tune have config {kernels.config.to_dict()}; this model needs "
+                         f"{expected.to_dict()}")
     out_dir = Path(out_dir)
     (out_dir / "data").mkdir(parents=True, exist_ok=True)
     model.requires_grad_(False)
