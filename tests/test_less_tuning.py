@@ -118,6 +118,20 @@ def test_models_and_sizes_it_cannot_tune():
         TuneConfig(validation=0).check(64)
 
 
+def test_policies_that_evict_nothing_to_replay_are_refused(tmp_path):
+    model = tiny_model("llama-gqa")
+    config = TuneConfig(sequences=1, seq_len=160, validation=1)
+    for policy, message in ((namm.make_policy("full"), "evicts nothing"),
+                            (namm.make_policy("snapkv", budget=0.25), "prompt-end schedule")):
+        with pytest.raises(ValueError, match=message):
+            tune_less(model, ByteTokenizer(), policy, start_kernels(model), tmp_path / "a", config, progress=False)
+    with pytest.raises(ValueError, match="evicted no token"):
+        tune_less(model, ByteTokenizer(), namm.make_policy("h2o", budget=4096, n_up=64), start_kernels(model),
+                  tmp_path / "b", config, progress=False)
+    with pytest.raises(ValueError, match="must not exceed"):
+        TuneConfig(sequences=2, batch_sequences=3).check(None)
+
+
 def test_kernels_of_another_model_are_refused(tmp_path):
     other = LessKernels(KernelConfig.for_model(tiny_model("llama-mha"), hidden=8))
     with pytest.raises(ValueError, match="this model needs"):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -68,14 +68,16 @@ class TuneConfig:
         """The token count of every sequence, training ones first, then validation ones."""
         return sequence_lengths(self.seq_len, self.sequences + self.validation)
 
-    def check(self, n_up: int) -> None:
-        """ValueError on impossible sizes."""
-        if min(self.lengths()) <= n_up:
+    def check(self, n_up: int | None) -> None:
+        """ValueError on impossible sizes (``n_up`` None: not known before the policy is bound)."""
+        if n_up is not None and min(self.lengths()) <= n_up:
             raise ValueError(f"seq_len ({min(self.lengths())}) must exceed the policy's n_up ({n_up}) so that "
                              "tokens are evicted")
         for name in ("sequences", "steps", "batch_sequences", "validation", "eval_every", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.batch_sequences > self.sequences:
+            raise ValueError(f"batch_sequences ({self.batch_sequences}) must not exceed sequences ({self.sequences})")
         if not self.lr > 0:
             raise ValueError("lr must be > 0")
 
@@ -83,17 +85,14 @@ class TuneConfig:
 @dataclass
 class Replay:
     """What :func:`replay_attention` needs for one sequence: per layer, the update that evicted each
-    token (H, T) (None: the layer never evicted, plain causal attention) and each position's last
-    update (T,) (−1 before the first), and the kernels (None: the policy alone, no LESS)."""
+    token (H, T) (None: the layer evicted nothing, plain causal attention) and each position's last
+    update (T,) (−1 before the first), the first position that misses an evicted token, and the
+    kernels (None: no LESS, the kept keys alone)."""
 
     evict_at: list[Tensor | None]
     interval: list[Tensor | None]
+    first_eviction: int
     kernels: LessKernels | None
-    first_eviction: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        starts = [int((i < 0).sum()) for i in self.interval if i is not None]
-        self.first_eviction = min(starts) if starts else 0
 
     def attend(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
         """(B, Hq, T, D) attention output of ``layer`` for one row (B = 1)."""
@@ -144,8 +143,8 @@ AttentionMaskInterface.register(REPLAY_ATTENTION, sdpa_mask)  # the replay build
 def record_sequence(model, tokens: Tensor, policy: MemoryPolicy, kernels: LessKernels | None) -> dict[str, Tensor]:
     """The eviction times of ``policy`` (with LESS ``kernels``, if any) on ``tokens`` and the full
     cache's last hidden states, keyed ``"tokens"``, ``"teacher"`` (T, hidden) and, per layer that
-    evicted, ``"{layer}.evict_at"`` (H, T) and ``"{layer}.updates"`` (U,), on the CPU (ordinary
-    tensors, usable in autograd)."""
+    evicted a token, ``"{layer}.evict_at"`` (H, T) and ``"{layer}.updates"`` (U,), on the CPU
+    (ordinary tensors, usable in autograd)."""
     return {k: v.clone() for k, v in _record(model, tokens, policy, kernels).items()}
 
 
@@ -160,7 +159,8 @@ def _record(model, tokens: Tensor, policy: MemoryPolicy, kernels: LessKernels | 
     for layer in range(num_layers):
         if recorder.evicted_at[layer] is not None:
             updates, evict_at = recorder.intervals(layer)
-            out[f"{layer}.updates"], out[f"{layer}.evict_at"] = updates, evict_at
+            if bool((evict_at < len(updates)).any()):
+                out[f"{layer}.updates"], out[f"{layer}.evict_at"] = updates, evict_at
     return {k: v.cpu().contiguous() for k, v in out.items()}
 
 
@@ -169,16 +169,17 @@ def replay_of(data: dict[str, Tensor], num_layers: int, kernels: LessKernels | N
     """The :class:`Replay` of one recorded sequence, on ``device``."""
     T = len(data["tokens"])
     positions = torch.arange(T)
-    evict_at, interval = [], []
+    evict_at, interval, first = [], [], T
     for layer in range(num_layers):
         if f"{layer}.evict_at" in data:
-            updates = data[f"{layer}.updates"]
-            evict_at.append(data[f"{layer}.evict_at"].to(device))
+            updates, times = data[f"{layer}.updates"], data[f"{layer}.evict_at"]
+            first = min(first, int(updates[int(times.min())]))
+            evict_at.append(times.to(device))
             interval.append((torch.searchsorted(updates, positions, right=True) - 1).to(device))
         else:
             evict_at.append(None)
             interval.append(None)
-    return Replay(evict_at, interval, kernels)
+    return Replay(evict_at, interval, first, kernels)
 
 
 def _chunk_losses(lm_head: torch.nn.Module, student: Tensor, log_teacher: Tensor, targets: Tensor) -> Tensor:
@@ -211,7 +212,8 @@ def sequence_losses(model, data: dict[str, Tensor], replay: Replay) -> Tensor:
 
 
 def mean_losses(model, files: list[Path], kernels: LessKernels | None) -> Tensor:
-    """(2,) mean KL and NLL over the sequences in ``files`` (``kernels`` None: the policy alone)."""
+    """(2,) mean KL and NLL over the sequences in ``files`` (``kernels`` None: the recorded kept keys
+    alone)."""
     num_layers = model.config.get_text_config().num_hidden_layers
     with torch.no_grad():
         parts = []
@@ -236,23 +238,34 @@ def check_model(model) -> None:
 
 
 def record_all(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, data_dir: Path, config: TuneConfig,
-               progress: bool = True) -> tuple[list[Path], list[Path]]:
+               progress: bool = True) -> tuple[list[Path], list[Path], list[Path]]:
     """Record every training and validation sequence of the corpus's train split into ``data_dir``
-    (sequences already there are reused); returns the training and the validation files."""
+    with the starting kernels active, and the validation ones once more with the policy alone (its
+    own evictions, the baseline of the report); sequences already there are reused. Returns the
+    training, the validation and the policy-alone files."""
+    from safetensors import safe_open
+
     from namm.tasks.corpus import corpus_tokens
 
     lengths = config.lengths()
     tokens = corpus_tokens(tokenizer, sum(lengths), split="train", seed=config.seed)
-    files, start = [], 0
-    for i, n in enumerate(tqdm(lengths, desc="record", disable=not progress)):
-        file = data_dir / f"seq_{i:04d}.safetensors"
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    jobs = [(f"seq_{i:04d}", i, kernels) for i in range(len(lengths))]
+    jobs += [(f"alone_{i:04d}", i, None) for i in range(config.sequences, len(lengths))]
+    files = []
+    for name, i, active in tqdm(jobs, desc="record", disable=not progress):
+        file = data_dir / f"{name}.safetensors"
         files.append(file)
         if not file.is_file():
-            save_file(record_sequence(model, tokens[start:start + n].to(model.device), policy, kernels),
-                      str(file.with_suffix(".partial")))
+            seq = tokens[starts[i]:starts[i] + lengths[i]].to(model.device)
+            save_file(record_sequence(model, seq, policy, active), str(file.with_suffix(".partial")))
             file.with_suffix(".partial").replace(file)
-        start += n
-    return files[:config.sequences], files[config.sequences:]
+        with safe_open(str(file), framework="pt") as f:
+            if not any(key.endswith(".evict_at") for key in f.keys()):
+                raise ValueError(f"the policy evicted no token of {lengths[i]}-token sequence {i}: nothing to "
+                                 "tune; use a smaller --budget or a longer --seq-len")
+    n = len(lengths)
+    return files[:config.sequences], files[config.sequences:n], files[n:]
 
 
 def tune_less(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, out_dir: str | Path, config: TuneConfig,
@@ -261,6 +274,10 @@ def tune_less(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, out_
     ``out_dir/less.safetensors`` + ``less.json`` (the kernels of lowest validation KL) and
     ``out_dir/tune_log.jsonl`` (one line per validation). Resumes from ``out_dir/tune_state.pt``."""
     check_model(model)
+    if not policy.evicts or policy.schedule != "progressive":
+        raise ValueError(f"less-tune replays progressive eviction; policy {policy.name!r} "
+                         + ("evicts nothing" if not policy.evicts else "is on the prompt-end schedule")
+                         + " (use --schedule progressive with an evicting policy)")
     expected = KernelConfig.for_model(model, kernels.config.hidden, kernels.config.rank)
     if kernels.config != expected:
         raise ValueError(f"the kernels to tune have config {kernels.config.to_dict()}; this model needs "
@@ -276,7 +293,7 @@ def tune_less(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, out_
     claim_run_dir(out_dir, settings)
 
     start = time.perf_counter()
-    files, held = record_all(model, tokenizer, policy, kernels, out_dir / "data", config, progress)
+    files, held, alone = record_all(model, tokenizer, policy, kernels, out_dir / "data", config, progress)
     recorded = time.perf_counter()
     num_layers = model.config.get_text_config().num_hidden_layers
     optimizer = torch.optim.Adam(kernels.parameters(), lr=config.lr)
@@ -288,7 +305,7 @@ def tune_less(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, out_
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
     else:
-        policy_alone = mean_losses(model, held, None)
+        policy_alone = mean_losses(model, alone, None)
         before = mean_losses(model, held, kernels)
         state = {"step": 0, "stale": 0, "best": copy.deepcopy(kernels.state_dict()), "best_loss": float(before[0]),
                  "best_step": 0, "policy_alone": policy_alone.tolist(), "start": before.tolist(), "train_seconds": 0.0}
@@ -310,6 +327,8 @@ def tune_less(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, out_
             running.append(float(loss.detach()))
         optimizer.step()
         schedule.step()
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()  # once per step, for the timing only
         step_seconds += time.perf_counter() - step_start
         bar.set_postfix(kl=f"{running[-1]:.4g}")
         if step % config.eval_every == 0 or step == config.steps:
@@ -321,13 +340,13 @@ def tune_less(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, out_
                          kernels=kernels.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
                          train_seconds=state["train_seconds"] + step_seconds)
             step_seconds = 0.0
-            with log_file.open("a") as log:
-                log.write(json.dumps({"step": step, "train_kl": sum(running) / len(running),
-                                      "validation_kl": float(validation[0]), "validation_nll": float(validation[1]),
-                                      "step_seconds": round(state["train_seconds"], 1)}) + "\n")
-            running = []
             torch.save(state, state_file.with_suffix(".partial"))
             state_file.with_suffix(".partial").replace(state_file)
+            with log_file.open("a") as log:  # after the state: a resumed run never logs a step twice
+                log.write(json.dumps({"step": step, "train_kl": sum(running) / len(running),
+                                      "validation_kl": float(validation[0]), "validation_nll": float(validation[1]),
+                                      "step_seconds_total": round(state["train_seconds"], 1)}) + "\n")
+            running = []
     kernels.load_state_dict(state["best"])
     policy_kl, start_kl = state["policy_alone"][0], state["start"][0]
     report = {"validation_kl_policy_alone": policy_kl, "validation_kl_start": start_kl,
@@ -335,7 +354,7 @@ def tune_less(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, out_
               "kl_removed_vs_policy_start": 1 - start_kl / policy_kl if policy_kl > 0 else 0.0,
               "kl_removed_vs_policy_best": 1 - state["best_loss"] / policy_kl if policy_kl > 0 else 0.0,
               "record_seconds_this_run": round(recorded - start, 1),
-              "step_seconds": round(state["train_seconds"], 1)}
+              "step_seconds_total": round(state["train_seconds"], 1)}
     if state["train_seconds"] > 0 and state["step"] > 0:
         report["sequences_per_minute"] = round(state["step"] * config.batch_sequences / (state["train_seconds"] / 60), 3)
     return save_less_kernels(out_dir, kernels.eval(), {**settings, "end_to_end": report})
