@@ -19,6 +19,12 @@ from namm.policies.wrapped import WrappedPolicy
 NEVER = torch.iinfo(torch.int32).max  # eviction index of a token still kept
 
 
+def last_update(updates: Tensor, positions: Tensor) -> Tensor:
+    """Index of the last update at or before each position (−1 before the first): a query at
+    ``t`` sees the keys whose ``evict_at`` exceeds it, and the LESS state of those that do not."""
+    return torch.searchsorted(updates, positions, right=True) - 1
+
+
 class EvictionRecorder(WrappedPolicy):
     """Run ``inner`` (its ``attend`` hook too) and record, per layer, the tokens seen at each update
     and, per (KV head, position), the index of the update that evicted the token (:data:`NEVER`
@@ -92,7 +98,7 @@ def capture_sequence(model, tokens: Tensor, policy: MemoryPolicy, queries_per_se
         device = k.device
         pool = torch.arange(int(updates[0]), T)
         t = pool[torch.randperm(len(pool), generator=gen)[:queries_per_seq]].sort().values
-        interval = (torch.searchsorted(updates, t, right=True) - 1).to(device)
+        interval = last_update(updates, t).to(device)
         t = t.to(device)
         Hq, H = q.shape[0], k.shape[0]
         positions = torch.arange(T, device=device)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from namm.less.capture import EvictionRecorder
+from namm.less.capture import EvictionRecorder, last_update
 from namm.less.checkpoint import save_less_kernels
 from namm.less.kernels import KernelConfig, LessKernels, mix_per_query, sparse_attention, states_by_interval
 from namm.less.policy import LessPolicy
@@ -175,7 +175,7 @@ def replay_of(data: dict[str, Tensor], num_layers: int, kernels: LessKernels | N
             updates, times = data[f"{layer}.updates"], data[f"{layer}.evict_at"]
             first = min(first, int(updates[int(times.min())]))
             evict_at.append(times.to(device))
-            interval.append((torch.searchsorted(updates, positions, right=True) - 1).to(device))
+            interval.append(last_update(updates, positions).to(device))
         else:
             evict_at.append(None)
             interval.append(None)
