@@ -100,6 +100,10 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     monkeypatch.setattr(tuning, "sequence_losses", stop_at_step_three)
     with pytest.raises(KeyboardInterrupt):
         tune_less(model, ByteTokenizer(), h2o(), start_kernels(model), tmp_path / "cut", config, progress=False)
+    # the interrupted run already left its best kernels so far, those of the check at step 2
+    so_far = read_metadata(tmp_path / "cut" / "less.safetensors")["provenance"]["end_to_end"]
+    assert so_far["best_step"] == so_far["last_step"] == 2 and so_far["validation_kl_best"] < so_far["validation_kl_start"]
+    load_less_kernels(tmp_path / "cut")
     monkeypatch.setattr(tuning, "sequence_losses", losses)
     resumed = load_less_kernels(tune_less(model, ByteTokenizer(), h2o(), start_kernels(model), tmp_path / "cut",
                                           config, progress=False))

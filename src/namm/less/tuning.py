@@ -271,7 +271,8 @@ def record_all(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, dat
 def tune_less(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, out_dir: str | Path, config: TuneConfig,
               provenance: dict | None = None, progress: bool = True) -> Path:
     """Fine-tune ``kernels`` (trained layer-wise first) end to end for ``policy``; writes
-    ``out_dir/less.safetensors`` + ``less.json`` (the kernels of lowest validation KL) and
+    ``out_dir/less.safetensors`` + ``less.json`` (the kernels of lowest validation KL so far, rewritten
+    at every validation that improves on them, so an interrupted run leaves usable kernels) and
     ``out_dir/tune_log.jsonl`` (one line per validation). Resumes from ``out_dir/tune_state.pt``."""
     check_model(model)
     if not policy.evicts or policy.schedule != "progressive":
@@ -292,9 +293,7 @@ def tune_less(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, out_
                 **(provenance or {})}
     claim_run_dir(out_dir, settings)
 
-    start = time.perf_counter()
     files, held, alone = record_all(model, tokenizer, policy, kernels, out_dir / "data", config, progress)
-    recorded = time.perf_counter()
     num_layers = model.config.get_text_config().num_hidden_layers
     optimizer = torch.optim.Adam(kernels.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
@@ -342,19 +341,27 @@ def tune_less(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, out_
             step_seconds = 0.0
             torch.save(state, state_file.with_suffix(".partial"))
             state_file.with_suffix(".partial").replace(state_file)
+            if better:
+                save_best(out_dir, kernels.config, state, settings)
             with log_file.open("a") as log:  # after the state: a resumed run never logs a step twice
                 log.write(json.dumps({"step": step, "train_kl": sum(running) / len(running),
                                       "validation_kl": float(validation[0]), "validation_nll": float(validation[1]),
                                       "step_seconds_total": round(state["train_seconds"], 1)}) + "\n")
             running = []
-    kernels.load_state_dict(state["best"])
+    return save_best(out_dir, kernels.config, state, settings)
+
+
+def save_best(out_dir: Path, config: KernelConfig, state: dict, settings: dict) -> Path:
+    """Write the run's best kernels so far with their report (``less.json``'s ``end_to_end``)."""
+    best = LessKernels(config)
+    best.load_state_dict(state["best"])
     policy_kl, start_kl = state["policy_alone"][0], state["start"][0]
     report = {"validation_kl_policy_alone": policy_kl, "validation_kl_start": start_kl,
               "validation_kl_best": state["best_loss"], "best_step": state["best_step"], "last_step": state["step"],
               "kl_removed_vs_policy_start": 1 - start_kl / policy_kl if policy_kl > 0 else 0.0,
               "kl_removed_vs_policy_best": 1 - state["best_loss"] / policy_kl if policy_kl > 0 else 0.0,
-              "record_seconds_this_run": round(recorded - start, 1),
               "step_seconds_total": round(state["train_seconds"], 1)}
     if state["train_seconds"] > 0 and state["step"] > 0:
-        report["sequences_per_minute"] = round(state["step"] * config.batch_sequences / (state["train_seconds"] / 60), 3)
-    return save_less_kernels(out_dir, kernels.eval(), {**settings, "end_to_end": report})
+        report["sequences_per_minute"] = round(state["step"] * settings["tune"]["batch_sequences"]
+                                               / (state["train_seconds"] / 60), 3)
+    return save_less_kernels(out_dir, best.eval(), {**settings, "end_to_end": report})
