@@ -227,6 +227,24 @@ def test_init_checkpoint_centres_a_fresh_cmaes_on_its_parameters(tiny, tmp_path)
         tiny_config(init_from=str(tmp_path / "r"), init_checkpoint=str(tmp_path / "start"))
 
 
+def test_pool_overrides_the_starts_and_is_recorded(tiny, tmp_path):
+    model, tokenizer = tiny
+    zeros = zeros_checkpoint("mlp")
+    save_namm_checkpoint(tmp_path / "start", zeros.params, zeros.mean, zeros.std, zeros.config)
+    run = Trainer(tiny_config(generations=1, scorer="mlp", init_checkpoint=str(tmp_path / "start"), pool=5),
+                  tmp_path / "r", model, tokenizer, progress=False)
+    run.start()
+    assert run.policy.pool == 5
+    for saved in ("normalization", "best"):
+        assert load_namm_checkpoint(tmp_path / "r" / saved).config["selection"]["pool"] == 5
+    stage2 = Trainer(tiny_config(generations=2, scorer="mlp", init_from=str(tmp_path / "r")), tmp_path / "s2", model,
+                     tokenizer, progress=False)
+    stage2.start()
+    assert stage2.policy.pool == 5, "a later stage inherits the pool"
+    with pytest.raises(ValueError, match="--pool must be an odd integer"):
+        tiny_config(pool=4)
+
+
 # ---------------------------------------------------------------- CLI and torchrun
 
 def free_port() -> int:

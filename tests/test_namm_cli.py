@@ -10,6 +10,8 @@ import torch
 import namm
 from fixtures.byte_tokenizer import byte_tokenizer
 from namm.cli import main
+from namm.policies.namm.calibration import FeatureStatistics
+from namm.policies.namm.features import FeatureConfig
 from tiny_models import tiny_model
 
 PROSE = ("Memory is the faculty of the mind by which data or information is encoded, stored, and retrieved when "
@@ -51,6 +53,23 @@ def test_calibrate_writes_a_usable_checkpoint(capsys, tmp_path, model_dir, promp
     assert code == 0, err
     result = json.loads(stdout)
     assert result["cache_tokens_per_layer"] == [result["tokens_seen"]] * 3  # zero parameters keep everything
+
+
+def test_robust_calibration_centres_on_the_median_and_ignores_outliers(capsys, tmp_path, model_dir, prompt_file):
+    stats = FeatureStatistics(FeatureConfig(n_up=64), robust=True)
+    body = torch.linspace(-1.0, 1.0, 999, dtype=torch.float64)[:, None].expand(-1, 17)
+    stats.sample, stats.count = [torch.cat([body, torch.full((1, 17), 1e6, dtype=torch.float64)])], 1000
+    centre, spread = stats.statistics()
+    # the uniform body on [-1, 1]: median 0, IQR 1, whatever the one outlier (a mean would sit near 1,000)
+    torch.testing.assert_close(centre, torch.zeros(17), atol=2e-3, rtol=0)
+    torch.testing.assert_close(spread, torch.full((17,), 1.0 / 1.3489795), atol=2e-3, rtol=0)
+    out = tmp_path / "robust.json"
+    code, stdout, err = run_cli(capsys, "calibrate", "--model", str(model_dir), "--prompt-file", str(prompt_file),
+                                "--n-up", "64", "--robust", "--out", str(out), "--quiet")
+    assert code == 0, err
+    assert "median" in stdout
+    robust = namm.policies.namm.load_namm_checkpoint(out)
+    assert robust.provenance["statistics"] == "median, IQR / 1.349" and (robust.std > 0).all()
 
 
 def test_calibrate_errors(capsys, tmp_path, model_dir, prompt_file):

@@ -28,6 +28,10 @@ def add_parser(sub) -> None:
     p.add_argument("--end-pad", type=int, default=0,
                    help="zeros appended to each attention signal before the STFT, so the newest queries fall "
                         "under a full window (default 0, the paper; 16 weighs every query alike)")
+    p.add_argument("--robust", action="store_true",
+                   help="centre each bin at its median and scale it by its interquartile range / 1.349 instead of "
+                        "the mean and std, so the few attention sinks do not set the scale of every other token "
+                        "(namm's addition, docs/algorithm.md §4; default: mean and std, the paper)")
     p.add_argument("--scorer", default="bam", choices=["bam", "mlp"], help="scorer architecture of the checkpoint")
     p.add_argument("--out", required=True, help="checkpoint path: FILE.json / FILE.safetensors, or a folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -59,17 +63,19 @@ def run(args: argparse.Namespace) -> int:
     ids = tokenize_prompts(tokenizer, texts, model_context(model))
     if all(len(x) < args.n_up for x in ids):
         raise ValueError(f"every prompt is shorter than --n-up {args.n_up} tokens: nothing to calibrate on")
-    mean, std = calibrate_normalization(model, ids, features=features, progress=show_progress(args))
+    mean, std = calibrate_normalization(model, ids, features=features, progress=show_progress(args),
+                                       robust=args.robust)
     provenance = {
         "kind": "calibration", "model": args.model, "namm_version": namm.__version__,
         "task": args.task, "length": args.length if args.task else None, "seed": args.seed if args.task else None,
         "prompt_files": [str(Path(f)) for f in args.prompt_file] if args.prompt_file else None,
         "prompts": len(ids), "prompt_tokens": int(sum(len(x) for x in ids)),
+        "statistics": "median, IQR / 1.349" if args.robust else "mean, std",
     }
     path = save_namm_checkpoint(args.out, params=namm.make_policy("namm", checkpoint="zeros", scorer=args.scorer).params, mean=mean,
                                 std=std, config=namm_config(features, args.scorer), provenance=provenance)
     print(f"calibrated on {len(ids)} prompts ({provenance['prompt_tokens']} tokens) of {args.model}; saved {path}")
-    print("bin   mean        std")
+    print("bin   median      IQR/1.349" if args.robust else "bin   mean        std")
     for k, (m, s) in enumerate(zip(mean.tolist(), std.tolist())):
         print(f"{k:>3}  {m:.6g}  {s:.6g}")
     return 0

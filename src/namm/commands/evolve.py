@@ -58,6 +58,10 @@ def add_parser(sub) -> None:
                         "prompt-end (once, at the end of each prompt, after its question, or of its context with "
                         "--question-after-compression; makes the proxy exact). The checkpoint records it and runs on "
                         "it by default")
+    p.add_argument("--pool", type=int,
+                   help="max-pool every score over this many neighbouring slots before selecting (odd; "
+                        "docs/algorithm.md §6), so a kept token keeps its neighbours; default: the "
+                        "--init-checkpoint's, else 1. The checkpoints record it")
     p.add_argument("--hidden", metavar="N[,N...]", help="hidden layer sizes of the mlp scorer (default: linear)")
     p.add_argument("--prompts-per-task", type=int, default=8, help="prompts per task per generation (default 8)")
     p.add_argument("--train-prompts", type=int, default=None,
@@ -120,7 +124,7 @@ def config_from_args(args: argparse.Namespace):
         eval_batch_size=args.eval_batch_size, seed=args.seed, memory_target=args.memory_target,
         memory_weight=args.memory_weight, n_up=args.n_up, scorer=args.scorer, batched=not args.one_by_one,
         init_from=args.init_from, init_checkpoint=args.init_checkpoint,
-        question_after_compression=args.question_after_compression, schedule=args.schedule,
+        question_after_compression=args.question_after_compression, schedule=args.schedule, pool=args.pool,
     )
 
 

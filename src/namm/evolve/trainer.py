@@ -35,6 +35,7 @@ from namm.evolve.fitness import (ANSWER_STATISTICS, AnswerScorer, MemoryTerm, Po
                                  normalised_fitness, tokenize_samples)
 from namm.evolve.log import TrainingLog
 from namm.policies.base import check_schedule
+from namm.policies.namm.checkpoint import check_pool
 
 RUN_FILE = "run.json"
 TRAINER_STATE = "trainer.json"
@@ -71,6 +72,7 @@ class EvolveConfig:
     budgets: list[float] | None = None  # budget mode: each generation draws a budget in [lo, hi]
     question_after_compression: bool = False  # query-agnostic: compress each context before its question
     schedule: str = "progressive"  # or "prompt-end": one compression, at the end of each prompt (context)
+    pool: int | None = None  # neighbour pool of the selection (docs/algorithm.md §6); None: the start's, else 1
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -88,6 +90,8 @@ class EvolveConfig:
             if self.memory_target is not None:
                 raise ValueError("budget mode holds the memory fixed: drop --memory-target")
         check_schedule(self.schedule)
+        if self.pool is not None:
+            check_pool(self.pool, "--pool")
         if self.init_from and self.init_checkpoint:
             raise ValueError("give --init-from (a run's CMA-ES state) or --init-checkpoint (a NAMM's parameters), "
                              "not both")
@@ -142,7 +146,7 @@ def build_policy(checkpoint: str | Path, config: EvolveConfig):
     from namm.policies.registry import make_policy
 
     return make_policy("namm", checkpoint=str(checkpoint), n_up=config.n_up, scorer=config.scorer_spec,
-                       schedule=config.schedule)
+                       schedule=config.schedule, pool=config.pool)
 
 
 class Trainer:
@@ -206,6 +210,8 @@ class Trainer:
             probe = build_policy("zeros", self.config)
             num_params, namm_config = probe.num_params, probe.config()
             self.cmaes = self._new_cmaes(num_params)
+        if self.config.pool is not None:  # the stage's pool, so a later --init-from stage inherits it
+            namm_config = {**namm_config, "selection": {**namm_config.get("selection", {}), "pool": self.config.pool}}
         if self.workers.is_main:
             save_namm_checkpoint(self.out / "normalization", torch.zeros(num_params), mean, std, namm_config,
                                  self._provenance(generation=self.cmaes.generation, fitness=None))
