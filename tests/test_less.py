@@ -182,6 +182,10 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     for a, b in zip(kernels.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
     assert path.with_suffix(".json").is_file()
+    half = load_less_kernels(save_less_kernels(tmp_path / "half", kernels, dtype=torch.float16))
+    assert (tmp_path / "half" / "less.safetensors").stat().st_size < 0.6 * path.stat().st_size
+    for a, b in zip(kernels.state_dict().values(), half.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(b, a.half().float())  # stored rounded, loaded as float32
     with pytest.raises(FileNotFoundError, match="no LESS kernels"):
         load_less_kernels(tmp_path / "missing")
     path.with_suffix(".json").write_text("{}")

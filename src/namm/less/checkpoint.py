@@ -38,14 +38,16 @@ def resolve(path_or_name: str | Path) -> Path:
     return path
 
 
-def save_less_kernels(path: str | Path, kernels: LessKernels, provenance: dict | None = None) -> Path:
-    """Write ``kernels`` to ``path`` (a ``.safetensors`` file or a directory) plus its JSON sidecar."""
+def save_less_kernels(path: str | Path, kernels: LessKernels, provenance: dict | None = None,
+                      dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``kernels`` to ``path`` (a ``.safetensors`` file or a directory) plus its JSON sidecar,
+    the tensors stored in ``dtype`` (float16 halves a shipped file; loading casts back to float32)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
         path = path / "less.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().float().contiguous() for name, p in kernels.state_dict().items()}
+    tensors = {name: p.detach().to(dtype).contiguous() for name, p in kernels.state_dict().items()}
     meta = {"format": FORMAT, "config": kernels.config.to_dict(), "provenance": provenance or {}}
     tmp = path.with_suffix(".partial")
     save_file(tensors, str(tmp))
