@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from namm.less.checkpoint import SHIPPED_DIR, load_less_kernels, read_metadata, save_less_kernels
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from namm.models import DTYPES
 
 
 def main() -> None:

@@ -342,18 +342,19 @@ def tune_less(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, out_
             torch.save(state, state_file.with_suffix(".partial"))
             state_file.with_suffix(".partial").replace(state_file)
             if better:
-                save_best(out_dir, kernels.config, state, settings)
+                save_best(out_dir, state, settings)
             with log_file.open("a") as log:  # after the state: a resumed run never logs a step twice
                 log.write(json.dumps({"step": step, "train_kl": sum(running) / len(running),
                                       "validation_kl": float(validation[0]), "validation_nll": float(validation[1]),
                                       "step_seconds_total": round(state["train_seconds"], 1)}) + "\n")
             running = []
-    return save_best(out_dir, kernels.config, state, settings)
+    return save_best(out_dir, state, settings)
 
 
-def save_best(out_dir: Path, config: KernelConfig, state: dict, settings: dict) -> Path:
-    """Write the run's best kernels so far with their report (``less.json``'s ``end_to_end``)."""
-    best = LessKernels(config)
+def save_best(out_dir: Path, state: dict, settings: dict) -> Path:
+    """Write the run's best kernels so far (``settings`` as claimed for the run) with their report
+    (``less.json``'s ``end_to_end``)."""
+    best = LessKernels(KernelConfig(**settings["kernels"]))
     best.load_state_dict(state["best"])
     policy_kl, start_kl = state["policy_alone"][0], state["start"][0]
     report = {"validation_kl_policy_alone": policy_kl, "validation_kl_start": start_kl,
