@@ -479,3 +479,17 @@ def test_shipped_smollm2_kernels_lower_heldout_perplexity_of_h2o():
     assert less["cache_fraction"] == h2o["cache_fraction"] and less["kv_bytes_peak"] == h2o["kv_bytes_peak"]
     assert less["less_state_bytes"] == 30 * 3 * 8 * (64 + 1) * 4  # layers * KV heads * R * (d + 1) * float32
     assert less["perplexity"] < h2o["perplexity"]
+
+
+@pytest.mark.slow
+def test_shipped_namm_kernels_lower_heldout_perplexity_of_the_shipped_namm():
+    from namm.eval.perplexity import evaluate_perplexity
+    from namm.tasks.corpus import corpus_tokens
+
+    model, tokenizer = namm.load_model("smollm2-135m")
+    tokens = corpus_tokens(tokenizer, 1280, split="heldout", seed=7)
+    alone = evaluate_perplexity(model, tokens, namm.make_policy("namm"))
+    less = evaluate_perplexity(model, tokens, namm.make_policy("namm", less="smollm2-135m-namm"))
+    assert less["less_state_bytes"] == 30 * 3 * 8 * (64 + 1) * 4
+    assert alone["cache_fraction"] < 1.0
+    assert less["perplexity"] < alone["perplexity"]
