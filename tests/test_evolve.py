@@ -227,6 +227,27 @@ def test_init_checkpoint_centres_a_fresh_cmaes_on_its_parameters(tiny, tmp_path)
         tiny_config(init_from=str(tmp_path / "r"), init_checkpoint=str(tmp_path / "start"))
 
 
+def test_a_linear_start_lifts_exactly_into_one_hidden_layer(tiny, tmp_path):
+    model, tokenizer = tiny
+    zeros = zeros_checkpoint("mlp")
+    params = torch.randn(zeros.params.shape, generator=torch.Generator().manual_seed(4)) * 0.5
+    save_namm_checkpoint(tmp_path / "start", params, zeros.mean, zeros.std, zeros.config)
+    rows = {}
+    for name, hidden in [("linear", None), ("hidden", [3])]:
+        run = Trainer(tiny_config(generations=1, scorer="mlp", hidden=hidden, init_checkpoint=str(tmp_path / "start")),
+                      tmp_path / name, model, tokenizer, progress=False)
+        run.start()
+        rows[name], = [json.loads(line) for line in (tmp_path / name / "log.jsonl").open()]
+    assert run.cmaes.config.num_params == 25 * 3 + 3 + 3 + 1
+    assert load_namm_checkpoint(tmp_path / "hidden" / "best").config["scorer"] == {"kind": "mlp", "hidden": [3]}
+    assert 0 < rows["linear"]["eval_cache_fraction"] < 1, "the start evicts, so the check can fail"
+    for key in ("eval_fitness", "eval_cache_fraction"):
+        assert rows["hidden"][key] == pytest.approx(rows["linear"][key], abs=1e-9), key
+    with pytest.raises(ValueError, match="only a linear mlp lifts"):
+        Trainer(tiny_config(scorer="mlp", hidden=[2, 2], init_checkpoint=str(tmp_path / "start")), tmp_path / "deep",
+                model, tokenizer, progress=False).start()
+
+
 def test_pool_overrides_the_starts_and_is_recorded(tiny, tmp_path):
     model, tokenizer = tiny
     zeros = zeros_checkpoint("mlp")

@@ -13,6 +13,7 @@ from namm.memory.driver import MemoryRunner, memory_attention_enabled
 from namm.policies.namm import BAMScorer, MLPScorer, NAMMPolicy, Normalization, make_scorer
 from namm.policies.namm.calibration import calibrate_normalization
 from namm.policies.namm.checkpoint import save_namm_checkpoint
+from namm.policies.namm.scorers import lift_linear
 from namm.policies.namm.selection import pooled_scores, select_tokens
 from tiny_models import KINDS, random_prompt, tiny_model
 
@@ -84,6 +85,22 @@ def test_mlp_scorer_is_a_per_token_linear_map():
     x = torch.randn(2, 3, 7, 25)
     expected = torch.einsum("bhkd,bd->bhk", x, params[:, :25]) + params[:, 25, None, None]
     torch.testing.assert_close(mlp.score(x, torch.ones(2, 3, 7, dtype=torch.bool), params), expected)
+
+
+def test_a_lifted_linear_scorer_ranks_and_signs_every_token_as_the_linear_one():
+    linear = torch.randn(26, generator=torch.Generator().manual_seed(1)) * 0.3
+    lifted = lift_linear(linear, MLPScorer(hidden=(4,)), seed=2)
+    x = torch.randn(1, 3, 500, 25, generator=torch.Generator().manual_seed(3)) * 3
+    x[..., :4, :] *= 2.5  # sink-like outliers far outside the usual range
+    valid = torch.ones(1, 3, 500, dtype=torch.bool)
+    a = MLPScorer().score(x, valid, linear[None])
+    b = MLPScorer(hidden=(4,)).score(x, valid, lifted[None])
+    assert 20 < a.abs().max() < 36 and not torch.allclose(a, b), "a real non-linear map over a wide range"
+    assert torch.equal(a.argsort(-1), b.argsort(-1)) and torch.equal(a > 0, b > 0)
+    with pytest.raises(ValueError, match="one hidden layer"):
+        lift_linear(linear, MLPScorer(hidden=(4, 4)))
+    with pytest.raises(ValueError, match="26 parameters"):
+        lift_linear(linear[:20], MLPScorer(hidden=(4,)))
 
 
 def test_selection_threshold_uniform_count_newest_and_cap():

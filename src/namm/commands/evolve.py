@@ -93,7 +93,8 @@ def add_parser(sub) -> None:
                    help="start a new stage from the run in DIR: keeps its CMA-ES state and feature statistics")
     p.add_argument("--init-checkpoint", metavar="CKPT",
                    help="start a new run with the CMA-ES mean at a NAMM checkpoint's parameters and its feature "
-                        "statistics (fresh step size --sigma0 and covariance; the scorer must match --scorer/--hidden)")
+                        "statistics (fresh step size --sigma0 and covariance; the scorer must match --scorer/--hidden, "
+                        "except that a linear mlp start lifts exactly into one hidden layer)")
     p.set_defaults(run=run)
 
 

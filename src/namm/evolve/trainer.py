@@ -200,11 +200,10 @@ class Trainer:
         elif self.config.init_checkpoint:
             start = load_namm_checkpoint(self.config.init_checkpoint)
             mean, std, namm_config = start.mean, start.std, start.config
-            if namm_config["scorer"] != make_scorer(self.config.scorer_spec, 1).config():
-                raise ValueError(f"--init-checkpoint {self.config.init_checkpoint} has scorer {namm_config['scorer']}; "
-                                 f"this run evolves {self.config.scorer_spec}")
-            num_params = start.params.numel()
-            self.cmaes = self._new_cmaes(num_params, start.params)
+            params = self._start_params(start.params, namm_config["scorer"])
+            namm_config = {**namm_config, "scorer": make_scorer(self.config.scorer_spec, 1).config()}
+            num_params = params.numel()
+            self.cmaes = self._new_cmaes(num_params, params)
         else:
             mean, std = self._calibrate()
             probe = build_policy("zeros", self.config)
@@ -220,6 +219,19 @@ class Trainer:
         self._build_scorer()
         if self.config.init_checkpoint:
             self.evaluate_start()
+
+    def _start_params(self, params: torch.Tensor, scorer: dict) -> torch.Tensor:
+        """The ``--init-checkpoint`` parameters for this run's scorer: as they are when the scorers
+        match; a linear mlp start lifted exactly into a one-hidden-layer run (``lift_linear``)."""
+        from namm.policies.namm.scorers import lift_linear, make_scorer
+
+        target = make_scorer(self.config.scorer_spec, params.numel() - 1)
+        if scorer == target.config():
+            return params
+        if scorer == {"kind": "mlp", "hidden": []} and target.kind == "mlp" and len(target.hidden) == 1:
+            return lift_linear(params, target, seed=self.config.seed)
+        raise ValueError(f"--init-checkpoint {self.config.init_checkpoint} has scorer {scorer}; "
+                         f"this run evolves {self.config.scorer_spec} (only a linear mlp lifts to one hidden layer)")
 
     def evaluate_start(self) -> None:
         """Score the ``--init-checkpoint`` start on the whole prompt pool before the first generation:

@@ -137,6 +137,30 @@ class MLPScorer:
 
 Scorer = BAMScorer | MLPScorer
 
+LIFT_GAIN = 0.25  # the lifted unit sees a quarter of the linear score: |scores| < 36 stay clear of tanh's float32 saturation
+
+
+def lift_linear(params: Tensor, target: MLPScorer, seed: int = 0) -> Tensor:
+    """Parameters of ``target`` (one tanh hidden layer) that rank and sign every token exactly as the
+    linear scorer ``params`` (in + 1,) does (docs/algorithm.md §5): hidden unit 0 computes
+    tanh(LIFT_GAIN * linear score) and is read out with weight 1 / LIFT_GAIN, so the score is a strictly
+    increasing, sign-keeping function of the linear one (exact while |linear score| < 36, where tanh
+    does not round to +-1 in float32); the other units get random input weights
+    (std 1 / sqrt(in), from ``seed``) and zero read-out weights, ready for the search to use."""
+    d = target.in_dim
+    if len(target.hidden) != 1:
+        raise ValueError(f"a linear scorer lifts to one hidden layer, not {list(target.hidden)}")
+    if params.numel() != d + 1:
+        raise ValueError(f"expected a linear scorer's {d + 1} parameters, got {params.numel()}")
+    h = target.hidden[0]
+    weight = torch.randn(d, h, generator=torch.Generator().manual_seed(seed)) / math.sqrt(d)
+    weight[:, 0] = LIFT_GAIN * params[:d].float()
+    bias = torch.zeros(h)
+    bias[0] = LIFT_GAIN * float(params[d])
+    readout = torch.zeros(h)
+    readout[0] = 1 / LIFT_GAIN
+    return torch.cat([weight.reshape(-1), bias, readout, torch.zeros(1)])
+
 
 def make_scorer(spec: str | dict, in_dim: int) -> Scorer:
     """A scorer from a name ("bam", "mlp") or a config dict {"kind": ..., "hidden": ...}."""
