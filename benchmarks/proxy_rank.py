@@ -24,21 +24,11 @@ from pathlib import Path
 import torch
 
 import namm
+from namm.eval.ranking import spearman
 from namm.evolve.cmaes import CMAES
 from namm.evolve.fitness import AnswerScorer
 from namm.evolve.proxy import ProxyScorer
 from namm.evolve.trainer import Trainer, build_policy, load_run_config
-
-
-def ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks 0..n-1 along the last dimension (ties broken by order; float values rarely tie)."""
-    return torch.argsort(torch.argsort(x, dim=-1), dim=-1).double()
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 def main() -> None:

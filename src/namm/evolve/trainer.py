@@ -216,7 +216,7 @@ class Trainer:
                                  self._provenance(generation=self.cmaes.generation, fitness=None))
             self._save_state()
         self._barrier()
-        self._build_scorer()
+        self.build_scorer()
         if self.config.init_checkpoint:
             self.evaluate_start()
 
@@ -266,7 +266,7 @@ class Trainer:
         self.cmaes = CMAES.load(state_dir)
         saved = json.loads((state_dir / TRAINER_STATE).read_text())
         self.state = TrainerState(**saved)
-        self._build_scorer()
+        self.build_scorer()
 
     def _check_inherited(self, cma: CMAESConfig) -> None:
         before = (cma.popsize, cma.elite, cma.separable, cma.mean_lr)
@@ -281,7 +281,8 @@ class Trainer:
         first_task = [p.token_ids for p in self.pool if p.task == 0]
         return calibrate_normalization(self.model, first_task, n_up=self.config.n_up, progress=self.progress)
 
-    def _build_scorer(self) -> None:
+    def build_scorer(self) -> None:
+        """The policy from the run's saved normalisation and the scorer of its evaluator and fitness."""
         self.policy = build_policy(self.out / "normalization", self.config)
         if self.config.evaluator == "proxy":
             from namm.evolve.proxy import ProxyScorer

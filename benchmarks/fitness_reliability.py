@@ -1,0 +1,112 @@
+"""How reliably one generation's prompts rank an evolution run's members (split-half Spearman).
+
+    python benchmarks/fitness_reliability.py --run runs/NAME [--budgets 0.2,0.6] [--per-task 1,2,4]
+                                             [--draws 500] [--out FILE.json]
+
+A population drawn from the run's current CMA-ES state is scored once, with the run's own evaluator
+and fitness, on every prompt of its training pool at each budget. From those scores:
+
+* ``split_half``: Spearman between the member rankings on two disjoint draws of k prompts per task
+  (what two generations with different prompts would say about the same members);
+* ``vs_pool``: Spearman between a k-per-task draw's ranking and the whole pool's (how well a
+  generation's selection follows the held-in fitness the run reports);
+* ``across_budgets``: Spearman between the whole pool's rankings at two budgets (a generation
+  draws one budget).
+
+Low values mean a generation's selection is mostly the noise of its draw, which caps how far the
+CMA-ES mean can climb on the held-in prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import namm
+from namm.eval.ranking import spearman
+from namm.evolve.cmaes import CMAES
+from namm.evolve.fitness import answer_fitness
+from namm.evolve.trainer import Trainer, load_run_config
+
+
+def stratified_halves(tasks: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint index sets with ``k`` prompts of every task each."""
+    a, b = [], []
+    for task in torch.unique(tasks):
+        ids = (tasks == task).nonzero().flatten()
+        order = ids[torch.randperm(len(ids), generator=gen)]
+        a.append(order[:k])
+        b.append(order[k: 2 * k])
+    return torch.cat(a), torch.cat(b)
+
+
+def summary(values: list[float]) -> dict:
+    low, high = np.percentile(values, [2.5, 97.5])
+    return {"mean": float(np.mean(values)), "p2.5": float(low), "p97.5": float(high)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="evolution run folder (config, pool, CMA-ES state)")
+    parser.add_argument("--model", help="load the model from here instead of the run's config (a moved run)")
+    parser.add_argument("--budgets", help="comma-separated budgets (default: the run's two ends)")
+    parser.add_argument("--per-task", default="1,2,4",
+                        help="prompts per task in a draw, comma-separated (default: %(default)s)")
+    parser.add_argument("--draws", type=int, default=500, help="random draws per size (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = load_run_config(args.run)
+    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else list(config.budgets or [None])
+    sizes = [int(k) for k in args.per_task.split(",")]
+    model, tokenizer = namm.load_model(args.model or config.model)
+    trainer = Trainer(config, args.run, model, tokenizer, progress=False)
+    trainer.build_scorer()
+    state = CMAES.load(args.run / "state")
+    params = state.ask()
+    pool, scorer = trainer.pool, trainer.scorer
+    tasks = torch.tensor([p.task for p in pool])
+    smallest = int(torch.bincount(tasks).min())
+    if 2 * max(sizes) > smallest:
+        parser.error(f"--per-task {max(sizes)} needs {2 * max(sizes)} prompts per task; the pool has {smallest}")
+    full = scorer.full(pool, config.eval_batch_size)
+    gaps = {}
+    for budget in budgets:
+        trainer.policy.set_budget(budget)
+        gaps[budget] = scorer.members(params, pool).scores
+    trainer.policy.set_budget(None)
+    result = {"run": str(args.run), "generation": state.generation, "members": len(params),
+              "pool_per_task": smallest, "draws": args.draws, "budgets": {}}
+    gen = torch.Generator().manual_seed(0)
+    for budget, values in gaps.items():
+        whole = answer_fitness(values, full, tasks)
+        rows = {}
+        for k in sizes:
+            split, vs_pool = [], []
+            for _ in range(args.draws):
+                a, b = stratified_halves(tasks, k, gen)
+                fa = answer_fitness(values[:, a], full[a], tasks[a])
+                split.append(spearman(fa, answer_fitness(values[:, b], full[b], tasks[b])))
+                vs_pool.append(spearman(fa, whole))
+            rows[k] = {"split_half": summary(split), "vs_pool": summary(vs_pool)}
+            print(f"budget {budget}: {k} per task: split-half Spearman {rows[k]['split_half']['mean']:.3f}, "
+                  f"vs the whole pool {rows[k]['vs_pool']['mean']:.3f} ({len(params)} members)")
+        result["budgets"][str(budget)] = {"per_task": rows, "fitness": whole.tolist()}
+    for b1, b2 in itertools.combinations(budgets, 2):
+        rho = spearman(answer_fitness(gaps[b1], full, tasks), answer_fitness(gaps[b2], full, tasks))
+        result.setdefault("across_budgets", {})[f"{b1},{b2}"] = rho
+        print(f"whole pool, budget {b1} against {b2}: Spearman {rho:.3f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""benchmarks/fitness_reliability.py on a tiny campaign: disjoint stratified draws, and the whole
+pool's fitness is the run's own fitness of the same members."""
+
+from __future__ import annotations
+
+import torch
+from benchmark_modules import load_benchmark
+from test_evolve_helpers import save_tiny_model
+
+import namm
+from namm.evolve.cmaes import CMAES
+from namm.evolve.fitness import answer_fitness
+from namm.evolve.trainer import EvolveConfig, Trainer
+
+
+def test_stratified_halves_are_disjoint_with_k_prompts_of_every_task():
+    module = load_benchmark("fitness_reliability")
+    tasks = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])
+    a, b = module.stratified_halves(tasks, 2, torch.Generator().manual_seed(0))
+    assert not set(a.tolist()) & set(b.tolist())
+    assert torch.bincount(tasks[a]).tolist() == [2, 2, 2] == torch.bincount(tasks[b]).tolist()
+
+
+def test_the_whole_pool_fitness_is_the_runs_fitness(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model")
+    model, tokenizer = namm.load_model(str(model_dir))
+    config = EvolveConfig(model=str(model_dir), tasks=["passkey", "kv_retrieval"], length=330, generations=1,
+                          prompts_per_task=1, train_prompts=2, population=4, separable=True, eval_every=1, n_up=128,
+                          scorer="mlp", fitness="margin", evaluator="proxy", budgets=[0.2, 0.6])
+    trainer = Trainer(config, tmp_path / "run", model, tokenizer, progress=False)
+    trainer.start()
+    trainer.run()
+    module = load_benchmark("fitness_reliability")
+    result = module.main(["--run", str(tmp_path / "run"), "--model", str(model_dir), "--per-task", "1",
+                          "--draws", "20", "--budgets", "0.3,0.6", "--out", str(tmp_path / "r.json")])
+    assert (tmp_path / "r.json").exists() and result["members"] == 4 and result["pool_per_task"] == 2
+    for budget in ("0.3", "0.6"):
+        row = result["budgets"][budget]["per_task"][1]
+        assert all(-1 <= row[key]["mean"] <= 1 for key in ("split_half", "vs_pool"))
+    params = CMAES.load(tmp_path / "run" / "state").ask()
+    trainer.policy.set_budget(0.3)
+    scores = trainer.scorer.members(params, trainer.pool).scores
+    full = trainer.scorer.full(trainer.pool, config.eval_batch_size)
+    expected = answer_fitness(scores, full, torch.tensor([p.task for p in trainer.pool]))
+    assert torch.allclose(torch.tensor(result["budgets"]["0.3"]["fitness"]), expected.float(), atol=1e-5)
+    assert -1 <= result["across_budgets"]["0.3,0.6"] <= 1
