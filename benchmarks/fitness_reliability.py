@@ -1,10 +1,11 @@
 """How reliably one generation's prompts rank an evolution run's members (split-half Spearman).
 
-    python benchmarks/fitness_reliability.py --run runs/NAME [--budgets 0.2,0.6] [--per-task 1,2,4]
-                                             [--draws 500] [--out FILE.json]
+    python benchmarks/fitness_reliability.py --run runs/NAME [--around CKPT --sigma 0.065] [--budgets 0.2,0.6]
+                                             [--per-task 1,2,4] [--draws 500] [--out FILE.json]
 
-A population drawn from the run's current CMA-ES state is scored once, with the run's own evaluator
-and fitness, on every prompt of its training pool at each budget. From those scores:
+A population drawn from the run's current CMA-ES state (and, with ``--around``, populations drawn
+around given checkpoints) is scored once, with the run's own evaluator and fitness, on every prompt
+of its training pool at each budget. From those scores, per member set:
 
 * ``split_half``: Spearman between the member rankings on two disjoint draws of k prompts per task
   (what two generations with different prompts would say about the same members);
@@ -32,6 +33,7 @@ from namm.eval.ranking import spearman
 from namm.evolve.cmaes import CMAES
 from namm.evolve.fitness import answer_fitness
 from namm.evolve.trainer import Trainer, load_run_config
+from namm.policies.namm.checkpoint import load_namm_checkpoint
 
 
 def stratified_halves(tasks: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +52,30 @@ def summary(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "p2.5": float(low), "p97.5": float(high)}
 
 
+def reliability(values: dict, full: torch.Tensor, tasks: torch.Tensor, sizes: list[int], draws: int) -> dict:
+    """Split-half and draw-against-pool Spearman per budget and draw size, the whole pool's fitness
+    and its spread over members, and the whole pool's agreement across budgets, from the (P, n)
+    member answer statistics ``values[budget]``."""
+    gen = torch.Generator().manual_seed(0)
+    out: dict = {"budgets": {}, "across_budgets": {}}
+    whole = {budget: answer_fitness(v, full, tasks) for budget, v in values.items()}
+    for budget, v in values.items():
+        rows = {}
+        for k in sizes:
+            split, vs_pool = [], []
+            for _ in range(draws):
+                a, b = stratified_halves(tasks, k, gen)
+                fa = answer_fitness(v[:, a], full[a], tasks[a])
+                split.append(spearman(fa, answer_fitness(v[:, b], full[b], tasks[b])))
+                vs_pool.append(spearman(fa, whole[budget]))
+            rows[k] = {"split_half": summary(split), "vs_pool": summary(vs_pool)}
+        out["budgets"][str(budget)] = {"per_task": rows, "fitness": whole[budget].tolist(),
+                                       "fitness_spread": float(whole[budget].std())}
+    for b1, b2 in itertools.combinations(values, 2):
+        out["across_budgets"][f"{b1},{b2}"] = spearman(whole[b1], whole[b2])
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="evolution run folder (config, pool, CMA-ES state)")
@@ -58,6 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--per-task", default="1,2,4",
                         help="prompts per task in a draw, comma-separated (default: %(default)s)")
     parser.add_argument("--draws", type=int, default=500, help="random draws per size (default: %(default)s)")
+    parser.add_argument("--around", action="append", default=[], metavar="CKPT",
+                        help="also score a set of members drawn around this NAMM checkpoint's parameters, N(params, "
+                             "--sigma^2 I), as many as the run's population (repeatable; same scorer as the run)")
+    parser.add_argument("--sigma", type=float, default=0.065, help="step size of the --around sets (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -69,39 +99,33 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = Trainer(config, args.run, model, tokenizer, progress=False)
     trainer.build_scorer()
     state = CMAES.load(args.run / "state")
-    params = state.ask()
+    sets = {f"cmaes-state@{state.generation}": state.ask()}
+    for i, path in enumerate(args.around):
+        centre = load_namm_checkpoint(path).params
+        if centre.numel() != state.config.num_params:
+            parser.error(f"--around {path} has {centre.numel()} parameters; the run's scorer has {state.config.num_params}")
+        noise = torch.randn(config.population, centre.numel(), generator=torch.Generator().manual_seed(i))
+        sets[f"around:{path}"] = centre + args.sigma * noise
     pool, scorer = trainer.pool, trainer.scorer
     tasks = torch.tensor([p.task for p in pool])
     smallest = int(torch.bincount(tasks).min())
     if 2 * max(sizes) > smallest:
         parser.error(f"--per-task {max(sizes)} needs {2 * max(sizes)} prompts per task; the pool has {smallest}")
     full = scorer.full(pool, config.eval_batch_size)
-    gaps = {}
-    for budget in budgets:
-        trainer.policy.set_budget(budget)
-        gaps[budget] = scorer.members(params, pool).scores
-    trainer.policy.set_budget(None)
-    result = {"run": str(args.run), "generation": state.generation, "members": len(params),
-              "pool_per_task": smallest, "draws": args.draws, "budgets": {}}
-    gen = torch.Generator().manual_seed(0)
-    for budget, values in gaps.items():
-        whole = answer_fitness(values, full, tasks)
-        rows = {}
-        for k in sizes:
-            split, vs_pool = [], []
-            for _ in range(args.draws):
-                a, b = stratified_halves(tasks, k, gen)
-                fa = answer_fitness(values[:, a], full[a], tasks[a])
-                split.append(spearman(fa, answer_fitness(values[:, b], full[b], tasks[b])))
-                vs_pool.append(spearman(fa, whole))
-            rows[k] = {"split_half": summary(split), "vs_pool": summary(vs_pool)}
-            print(f"budget {budget}: {k} per task: split-half Spearman {rows[k]['split_half']['mean']:.3f}, "
-                  f"vs the whole pool {rows[k]['vs_pool']['mean']:.3f} ({len(params)} members)")
-        result["budgets"][str(budget)] = {"per_task": rows, "fitness": whole.tolist()}
-    for b1, b2 in itertools.combinations(budgets, 2):
-        rho = spearman(answer_fitness(gaps[b1], full, tasks), answer_fitness(gaps[b2], full, tasks))
-        result.setdefault("across_budgets", {})[f"{b1},{b2}"] = rho
-        print(f"whole pool, budget {b1} against {b2}: Spearman {rho:.3f}")
+    result = {"run": str(args.run), "pool_per_task": smallest, "draws": args.draws, "sigma": args.sigma, "sets": {}}
+    for name, params in sets.items():
+        values = {}
+        for budget in budgets:
+            trainer.policy.set_budget(budget)
+            values[budget] = scorer.members(params, pool).scores
+        trainer.policy.set_budget(None)
+        result["sets"][name] = reliability(values, full, tasks, sizes, args.draws)
+        for budget, row in result["sets"][name]["budgets"].items():
+            for k, stats in row["per_task"].items():
+                print(f"{name}, budget {budget}, {k} per task: split-half Spearman {stats['split_half']['mean']:.3f}, "
+                      f"vs the whole pool {stats['vs_pool']['mean']:.3f} ({len(params)} members)")
+        for pair, rho in result["sets"][name]["across_budgets"].items():
+            print(f"{name}, whole pool, budgets {pair}: Spearman {rho:.3f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")

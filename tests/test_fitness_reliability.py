@@ -32,15 +32,19 @@ def test_the_whole_pool_fitness_is_the_runs_fitness(tmp_path):
     trainer.run()
     module = load_benchmark("fitness_reliability")
     result = module.main(["--run", str(tmp_path / "run"), "--model", str(model_dir), "--per-task", "1",
-                          "--draws", "20", "--budgets", "0.3,0.6", "--out", str(tmp_path / "r.json")])
-    assert (tmp_path / "r.json").exists() and result["members"] == 4 and result["pool_per_task"] == 2
+                          "--draws", "20", "--budgets", "0.3,0.6", "--around", str(tmp_path / "run" / "best"),
+                          "--out", str(tmp_path / "r.json")])
+    assert (tmp_path / "r.json").exists() and result["pool_per_task"] == 2
+    state_set, around_set = result["sets"].values()
+    assert list(result["sets"])[1] == f"around:{tmp_path / 'run' / 'best'}"
     for budget in ("0.3", "0.6"):
-        row = result["budgets"][budget]["per_task"][1]
+        row = state_set["budgets"][budget]["per_task"][1]
         assert all(-1 <= row[key]["mean"] <= 1 for key in ("split_half", "vs_pool"))
+        assert len(around_set["budgets"][budget]["fitness"]) == 4
     params = CMAES.load(tmp_path / "run" / "state").ask()
     trainer.policy.set_budget(0.3)
     scores = trainer.scorer.members(params, trainer.pool).scores
     full = trainer.scorer.full(trainer.pool, config.eval_batch_size)
     expected = answer_fitness(scores, full, torch.tensor([p.task for p in trainer.pool]))
-    assert torch.allclose(torch.tensor(result["budgets"]["0.3"]["fitness"]), expected.float(), atol=1e-5)
-    assert -1 <= result["across_budgets"]["0.3,0.6"] <= 1
+    assert torch.allclose(torch.tensor(state_set["budgets"]["0.3"]["fitness"]), expected.float(), atol=1e-5)
+    assert -1 <= state_set["across_budgets"]["0.3,0.6"] <= 1
