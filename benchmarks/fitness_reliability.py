@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 
 import namm
 from namm.eval.ranking import spearman
+from namm.eval.runner import write_json
 from namm.evolve.cmaes import CMAES
 from namm.evolve.fitness import answer_fitness
 from namm.evolve.trainer import Trainer, load_run_config
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}, whole pool, budgets {pair}: Spearman {rho:.3f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     return result
 
 
