@@ -11,7 +11,7 @@ normalisation statistics, and sliding-window layers hold nothing older than thei
 (docs/algorithm.md §6, §11). Then it writes ``OUT/README.md`` (one table, scores with bootstrap
 95% intervals) and ``OUT/summary.json`` from every run under ``OUT``, this invocation's and earlier
 ones', so a grid filled in pieces ends in one table; each run's own tables are in
-``OUT/<model>/L<length>/``.
+``OUT/<model>/L<length>/`` and keep the tasks of earlier commands at that model and length.
 Transfer is a measurement: nothing here is tuned on the target models.
 """
 
@@ -32,11 +32,20 @@ def compare(out: Path, model: str, length: int, args: argparse.Namespace) -> Non
     """Run (or resume) one ``namm compare`` into ``out``."""
     command = [sys.executable, "-m", "namm", "compare", "--model", model, "--policies",
                f"full,namm,{args.baselines}", "--match-cache", "namm", "--checkpoint", args.checkpoint,
-               "--tasks", args.tasks, "--length", str(length), "--samples", str(args.samples), "--seed", str(args.seed),
+               "--tasks", tasks_with_earlier(out, args.tasks), "--length", str(length), "--samples", str(args.samples), "--seed", str(args.seed),
                "--batch-size", str(args.batch_size), "--quiet", "--out", str(out),
                *(["--threads", str(args.threads)] if args.threads else [])]
     print("$", " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def tasks_with_earlier(run: Path, requested: str) -> str:
+    """The tasks of an earlier run in ``run``, then the requested ones: ``namm compare`` writes its
+    tables from the tasks it is given, so a later command over other tasks keeps the earlier rows
+    (their runs are complete and resume without recomputing)."""
+    results = run / "results.json"
+    earlier = [r["task"] for r in json.loads(results.read_text())["rows"]] if results.exists() else []
+    return ",".join(dict.fromkeys([*earlier, *(t for t in requested.split(",") if t)]))
 
 
 def run_dir(out: Path, model: str, length: int) -> Path:

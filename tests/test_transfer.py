@@ -43,3 +43,9 @@ def test_transfer_table_on_two_other_families(tmp_path, capsys, monkeypatch):
                         "--tasks", "passkey", "--samples", "2", "--baselines", "streaming,h2o", "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text()) == rows
     assert (out / "README.md").read_text().count("| passkey |") == 4
+    # a later invocation over another task keeps the earlier task in that run's own tables
+    assert module.main(["--checkpoint", str(checkpoint), "--models", models[0], "--lengths", "1100",
+                        "--tasks", "niah_single", "--samples", "2", "--baselines", "streaming,h2o", "--out", str(out)]) == 0
+    own = json.loads((out / names[0] / "L1100" / "results.json").read_text())["rows"]
+    assert {r["task"] for r in own} == {"passkey", "niah_single"}
+    assert {r["task"] for r in json.loads((out / "summary.json").read_text())} == {"passkey", "niah_single"}
