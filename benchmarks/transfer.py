@@ -30,9 +30,10 @@ BASELINES = "recency,streaming,h2o,l2,tova,random"
 
 def compare(out: Path, model: str, length: int, args: argparse.Namespace) -> None:
     """Run (or resume) one ``namm compare`` into ``out``."""
+    tasks = tasks_with_earlier(out, args.tasks)
     command = [sys.executable, "-m", "namm", "compare", "--model", model, "--policies",
                f"full,namm,{args.baselines}", "--match-cache", "namm", "--checkpoint", args.checkpoint,
-               "--tasks", tasks_with_earlier(out, args.tasks), "--length", str(length), "--samples", str(args.samples), "--seed", str(args.seed),
+               "--tasks", tasks, "--length", str(length), "--samples", str(args.samples), "--seed", str(args.seed),
                "--batch-size", str(args.batch_size), "--quiet", "--out", str(out),
                *(["--threads", str(args.threads)] if args.threads else [])]
     print("$", " ".join(command[1:]), flush=True)
@@ -44,8 +45,13 @@ def tasks_with_earlier(run: Path, requested: str) -> str:
     tables from the tasks it is given, so a later command over other tasks keeps the earlier rows
     (their runs are complete and resume without recomputing)."""
     results = run / "results.json"
-    earlier = [r["task"] for r in json.loads(results.read_text())["rows"]] if results.exists() else []
+    earlier = [r["task"] for r in run_rows(results)] if results.exists() else []
     return ",".join(dict.fromkeys([*earlier, *(t for t in requested.split(",") if t)]))
+
+
+def run_rows(results: Path) -> list[dict]:
+    """The per-(task, policy) rows of one ``namm compare`` run's ``results.json``."""
+    return json.loads(results.read_text())["rows"]
 
 
 def run_dir(out: Path, model: str, length: int) -> Path:
@@ -58,7 +64,7 @@ def collected_rows(out: Path) -> list[dict]:
     rows = []
     for results in sorted(out.glob("*/L*/results.json")):
         model, length = results.parent.parent.name, int(results.parent.name.removeprefix("L"))
-        rows += [{**r, "model": model, "length": length} for r in json.loads(results.read_text())["rows"]]
+        rows += [{**r, "model": model, "length": length} for r in run_rows(results)]
     return rows
 
 
