@@ -252,6 +252,37 @@ def test_budget_mode_evolution_resumes_exactly_and_records_its_mode(tiny, tmp_pa
     assert best.provenance["fitness"] == "loglik" and best.provenance["evaluator"] == "proxy"
 
 
+def test_record_store_gives_back_what_was_recorded(tiny, tmp_path, monkeypatch):
+    """A second scorer (a resumed run) reads every prompt's recording from the store instead of recording it
+    again, and scores members exactly as the first; another normalisation or a torn file records afresh."""
+    from namm.evolve.record_store import RecordStore
+
+    model, _ = tiny
+    prompts = prompts_of(tiny, 300)
+    policy = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=N_UP)
+    params = random_params(policy, 3)
+    store = RecordStore(tmp_path / "records")
+    first = ProxyScorer(model, policy, progress=False, store=store).members(params, prompts)
+    assert len(list((tmp_path / "records").glob("*.safetensors"))) == len(prompts)
+    calls = []
+    original = proxy.record_prompt
+    monkeypatch.setattr(proxy, "record_prompt", lambda *a, **kw: calls.append(a[4]) or original(*a, **kw))
+    again = ProxyScorer(model, policy, progress=False, store=store)
+    second = again.members(params, prompts)
+    assert calls == [] and torch.equal(second.scores, first.scores)
+    assert torch.equal(second.cache_fraction, first.cache_fraction)
+    assert all(torch.equal(a, b) for a, b in zip(again.records[prompts[0].key].keys,
+                                                  ProxyScorer(model, policy, progress=False).record(prompts)[0].keys))
+    other = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=N_UP)
+    other.normalization = other.normalization._replace(std=other.normalization.std * 2)
+    assert store.digest(model, other, prompts[0]) != store.digest(model, policy, prompts[0])
+    torn = tmp_path / "records" / f"{store.digest(model, policy, prompts[1])}.safetensors"
+    torn.write_bytes(torn.read_bytes()[:100])
+    calls.clear()
+    ProxyScorer(model, policy, progress=False, store=store).record(prompts)
+    assert calls == [prompts[1].key]
+
+
 def test_query_agnostic_margin_evolution_records_its_protocol(tiny, tmp_path):
     model, tokenizer = tiny
     config = EvolveConfig(model="tiny", tasks=["passkey"], length=250, generations=1, prompts_per_task=1,
@@ -304,8 +335,12 @@ def test_cli_budget_evolution_then_finalize(tmp_path, capsys):
     code = main(["evolve", "--model", str(model_dir), "--tasks", "passkey", "--length", "300,400", "--train-prompts",
                  "2", "--prompts-per-task", "1", "--population", "4", "--generations", "1", "--eval-every", "1",
                  "--n-up", "128", "--separable", "--scorer", "mlp", "--hidden", "4", "--budgets", "0.2,0.6",
-                 "--out", str(run)])
+                 "--record-cache", str(tmp_path / "records"), "--out", str(run)])
     assert code == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "records").glob("*.safetensors"))) == 2  # the pool's two prompts, kept for a resume
+    code = main(["evolve", "--model", str(model_dir), "--tasks", "passkey", "--length", "300", "--n-up", "128",
+                 "--generations", "1", "--evaluator", "real", "--record-cache", str(tmp_path / "records"), "--out", str(tmp_path / "real")])
+    assert code != 0 and "--record-cache keeps the proxy's recordings" in capsys.readouterr().err
     code = main(["finalize", "--run", str(run), "--target", "0.5", "--prompts", "2", "--out", str(tmp_path / "c.json")])
     out, err = capsys.readouterr()
     assert code == 0, err

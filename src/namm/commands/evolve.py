@@ -89,6 +89,11 @@ def add_parser(sub) -> None:
                    help="seed of CMA-ES and of the training prompts' draws; a resumed run keeps its own (default 0)")
     p.add_argument("--out", help="run directory (created)")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
+    p.add_argument("--record-cache", metavar="DIR",
+                   help="keep the proxy's recordings of the training prompts as files in DIR (about 60 MB per "
+                        "2k-token prompt on qwen2.5-coder-0.5b), so a resumed run or a later stage on the same "
+                        "prompts on this machine reads them instead of recording again; not part of the run, give "
+                        "it again with --resume (default: record in memory only)")
     p.add_argument("--init-from", metavar="DIR",
                    help="start a new stage from the run in DIR: keeps its CMA-ES state and feature statistics")
     p.add_argument("--init-checkpoint", metavar="CKPT",
@@ -139,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     for name in config.tasks:
         get_task(name)  # unknown task: clear error before loading anything
+    if args.record_cache:
+        if config.evaluator != "proxy":
+            raise ValueError("--record-cache keeps the proxy's recordings: it needs --evaluator proxy")
+        writable_dir(args.record_cache)
     out = Path(args.resume or args.out)
     if not args.resume:
         writable_dir(str(out))
@@ -154,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, tokenizer = namm.load_model(config.model, dtype=args.dtype, device=device)
         trainer = Trainer(config, out, model, tokenizer, workers, progress=show_progress(args),
-                          model_name=config.model)
+                          model_name=config.model, record_cache=args.record_cache)
         if args.resume:
             trainer.resume()
         else:

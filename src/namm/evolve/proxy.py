@@ -22,6 +22,7 @@ full-cache values exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -37,6 +38,9 @@ from namm.policies.base import LayerView, MemoryPolicy
 from namm.policies.registry import make_policy
 from namm.policies.namm.policy import NAMMPolicy
 from namm.policies.namm.selection import out_of_window, pooled_scores, select_tokens
+
+if TYPE_CHECKING:
+    from namm.evolve.record_store import RecordStore
 
 GATHER_FLOATS = 1 << 25  # feature floats gathered at once during a replay (bounds its memory)
 NO_WINDOW = 1 << 40  # ProxyPrompt.windows of a global-attention layer
@@ -245,14 +249,16 @@ def held_fraction(held: Tensor) -> Tensor:
 
 class ProxyScorer:
     """Scores NAMM parameter vectors with the proxy: an answer statistic (``statistic``: mean
-    log-likelihood or margin) on training prompts, each prompt recorded once per run. Same interface as
-    :class:`namm.evolve.fitness.PopulationScorer`; the NAMM policy's current mode (threshold, or
-    budget after ``set_budget``) drives the replayed selection."""
+    log-likelihood or margin) on training prompts, each prompt recorded once per run (or once per
+    machine, read back from ``store``). Same interface as :class:`namm.evolve.fitness.PopulationScorer`;
+    the NAMM policy's current mode (threshold, or budget after ``set_budget``) drives the replayed
+    selection."""
 
     def __init__(self, model: PreTrainedModel, policy: NAMMPolicy, workers: Workers | None = None,
-                 progress: bool = True, statistic: str = "loglik"):
+                 progress: bool = True, statistic: str = "loglik", store: RecordStore | None = None):
         self.model, self.policy = model, policy
         self.statistic = statistic
+        self.store = store
         self.workers = workers or Workers()
         self.progress = progress and self.workers.is_main
         self.records: dict[str, ProxyPrompt] = {}
@@ -262,8 +268,14 @@ class ProxyScorer:
         """The recorded data of each prompt (recorded now where missing)."""
         todo = [p for p in prompts if p.key not in self.records]
         for p in tqdm(todo, desc="record prompts", unit="prompt", disable=not self.progress or not todo, leave=False):
-            self.records[p.key] = record_prompt(self.model, self.policy, p.token_ids, p.answer_ids, p.key, p.task,
-                                                context_tokens=p.context_tokens)
+            digest = self.store.digest(self.model, self.policy, p) if self.store else ""
+            record = self.store.load(digest, p, self.model.device) if self.store else None
+            if record is None:
+                record = record_prompt(self.model, self.policy, p.token_ids, p.answer_ids, p.key, p.task,
+                                       context_tokens=p.context_tokens)
+                if self.store and self.workers.is_main:
+                    self.store.save(digest, record)
+            self.records[p.key] = record
         return [self.records[p.key] for p in prompts]
 
     def members(self, params: Tensor, prompts: list[TrainingPrompt], batched: bool = True) -> Scores:

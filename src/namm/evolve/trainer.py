@@ -153,8 +153,9 @@ class Trainer:
     """Runs (or resumes) one evolution stage in ``out``."""
 
     def __init__(self, config: EvolveConfig, out: str | Path, model, tokenizer, workers: Workers | None = None,
-                 progress: bool = True, model_name: str | None = None):
+                 progress: bool = True, model_name: str | None = None, record_cache: str | Path | None = None):
         self.config, self.out = config, Path(out)
+        self.record_cache = record_cache  # the proxy's recordings, kept on this machine (not part of the run)
         self.model, self.tokenizer = model, tokenizer
         self.workers = workers or Workers()
         self.progress = progress and self.workers.is_main
@@ -286,9 +287,11 @@ class Trainer:
         self.policy = build_policy(self.out / "normalization", self.config)
         if self.config.evaluator == "proxy":
             from namm.evolve.proxy import ProxyScorer
+            from namm.evolve.record_store import RecordStore
 
+            store = RecordStore(self.record_cache) if self.record_cache else None
             self.scorer = ProxyScorer(self.model, self.policy, self.workers, progress=self.progress,
-                                      statistic=self.config.fitness)
+                                      statistic=self.config.fitness, store=store)
         elif self.config.fitness in ANSWER_STATISTICS:
             self.scorer = AnswerScorer(self.model, self.tokenizer, self.policy, self.workers, progress=self.progress,
                                        statistic=self.config.fitness)
