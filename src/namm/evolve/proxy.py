@@ -22,7 +22,6 @@ full-cache values exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -31,6 +30,7 @@ from transformers import PreTrainedModel
 
 from namm.evolve.distributed import Workers
 from namm.evolve.fitness import Scores, TrainingPrompt, answer_statistic
+from namm.evolve.record_store import RecordStore
 
 from namm.memory.cache import compaction_index, gather_slots
 from namm.memory.driver import MemoryRunner, memory_attention_enabled
@@ -38,9 +38,6 @@ from namm.policies.base import LayerView, MemoryPolicy
 from namm.policies.registry import make_policy
 from namm.policies.namm.policy import NAMMPolicy
 from namm.policies.namm.selection import out_of_window, pooled_scores, select_tokens
-
-if TYPE_CHECKING:
-    from namm.evolve.record_store import RecordStore
 
 GATHER_FLOATS = 1 << 25  # feature floats gathered at once during a replay (bounds its memory)
 NO_WINDOW = 1 << 40  # ProxyPrompt.windows of a global-attention layer
@@ -90,6 +87,27 @@ class ProxyPrompt:
     @property
     def num_layers(self) -> int:
         return len(self.keys)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The recording as named tensors (for a :class:`RecordStore`); ``key`` and ``task`` are not kept."""
+        named = {"seen": torch.tensor(self.seen), "continuation": self.continuation, "answer": self.answer,
+                 "windows": self.windows}
+        for name in ("features", "keys", "values"):
+            named |= {f"{name}.{i}": t for i, t in enumerate(getattr(self, name))}
+        return named | ({"lead_logits": self.lead_logits} if self.lead_logits is not None else {})
+
+    @classmethod
+    def from_tensors(cls, key: str, task: int, named: dict[str, Tensor]) -> "ProxyPrompt | None":
+        """The recording of :meth:`tensors` (None when a tensor is missing)."""
+        def listed(name: str) -> list[Tensor]:
+            return [named[f"{name}.{i}"] for i in range(sum(k.startswith(name + ".") for k in named))]
+
+        try:
+            return cls(key=key, task=task, seen=int(named["seen"]), features=listed("features"), keys=listed("keys"),
+                       values=listed("values"), continuation=named["continuation"], answer=named["answer"],
+                       windows=named["windows"], lead_logits=named.get("lead_logits"))
+        except KeyError:
+            return None
 
 
 def last_update_point(prompt_tokens: int, n_up: int) -> int:
@@ -268,13 +286,14 @@ class ProxyScorer:
         """The recorded data of each prompt (recorded now where missing)."""
         todo = [p for p in prompts if p.key not in self.records]
         for p in tqdm(todo, desc="record prompts", unit="prompt", disable=not self.progress or not todo, leave=False):
-            digest = self.store.digest(self.model, self.policy, p) if self.store else ""
-            record = self.store.load(digest, p, self.model.device) if self.store else None
+            digest = self.store.digest(self.model, self.policy, p) if self.store else None
+            stored = self.store.load(digest, self.model.device) if digest else None
+            record = ProxyPrompt.from_tensors(p.key, p.task, stored) if stored else None
             if record is None:
                 record = record_prompt(self.model, self.policy, p.token_ids, p.answer_ids, p.key, p.task,
                                        context_tokens=p.context_tokens)
-                if self.store and self.workers.is_main:
-                    self.store.save(digest, record)
+                if digest and self.workers.is_main:
+                    self.store.save(digest, record.tensors())
             self.records[p.key] = record
         return [self.records[p.key] for p in prompts]
 

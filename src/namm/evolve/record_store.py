@@ -18,19 +18,20 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from namm.evolve.fitness import TrainingPrompt
-from namm.evolve.proxy import ProxyPrompt
 from namm.policies.namm.policy import NAMMPolicy
 
 FORMAT = "namm-proxy-record-1"
 
 
 class RecordStore:
-    """Proxy recordings kept as files in ``folder`` (created on first save)."""
+    """Proxy recordings kept as files of named tensors in ``folder`` (created on first save);
+    :class:`namm.evolve.proxy.ProxyPrompt` converts itself to and from them."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -47,32 +48,20 @@ class RecordStore:
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
-    def load(self, digest: str, prompt: TrainingPrompt, device: torch.device) -> ProxyPrompt | None:
-        """The stored recording of ``prompt`` on ``device`` (None when there is none or it cannot be read)."""
+    def load(self, digest: str, device: torch.device) -> dict[str, Tensor] | None:
+        """The tensors stored under ``digest``, on ``device`` (None when there are none or they
+        cannot be read)."""
         path = self.folder / f"{digest}.safetensors"
         if not path.is_file():
             return None
         try:
-            tensors = load_file(str(path), device=str(device))
-            count = {name: sum(k.startswith(name + ".") for k in tensors) for name in ("features", "keys", "values")}
-            return ProxyPrompt(key=prompt.key, task=prompt.task, seen=int(tensors["seen"]),
-                               features=[tensors[f"features.{i}"] for i in range(count["features"])],
-                               keys=[tensors[f"keys.{i}"] for i in range(count["keys"])],
-                               values=[tensors[f"values.{i}"] for i in range(count["values"])],
-                               continuation=tensors["continuation"], answer=tensors["answer"],
-                               windows=tensors["windows"], lead_logits=tensors.get("lead_logits"))
-        except (SafetensorError, KeyError, OSError):
+            return load_file(str(path), device=str(device))
+        except (SafetensorError, OSError):
             return None
 
-    def save(self, digest: str, record: ProxyPrompt) -> None:
-        """Write ``record`` under ``digest`` atomically (a stopped process never leaves half a file)."""
+    def save(self, digest: str, tensors: dict[str, Tensor]) -> None:
+        """Write ``tensors`` under ``digest`` atomically (a stopped process never leaves half a file)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        tensors = {"seen": torch.tensor(record.seen), "continuation": record.continuation, "answer": record.answer,
-                   "windows": record.windows}
-        for name in ("features", "keys", "values"):
-            tensors |= {f"{name}.{i}": t for i, t in enumerate(getattr(record, name))}
-        if record.lead_logits is not None:
-            tensors["lead_logits"] = record.lead_logits
         tmp = self.folder / f"{digest}.{os.getpid()}.partial"
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT})
         tmp.replace(self.folder / f"{digest}.safetensors")
