@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from namm.evolve.fitness import TrainingPrompt
 from namm.policies.namm.policy import NAMMPolicy
+from namm.tensor_files import save_tensors
 
 FORMAT = "namm-proxy-record-1"
 
@@ -62,6 +62,4 @@ class RecordStore:
     def save(self, digest: str, tensors: dict[str, Tensor]) -> None:
         """Write ``tensors`` under ``digest`` atomically (a stopped process never leaves half a file)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f"{digest}.{os.getpid()}.partial"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT})
-        tmp.replace(self.folder / f"{digest}.safetensors")
+        save_tensors(self.folder / f"{digest}.safetensors", tensors, metadata={"format": FORMAT})

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from namm.less.kernels import KernelConfig, LessKernels
+from namm.tensor_files import save_tensors
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "less"
 FORMAT = "namm-less-kernels"
@@ -49,9 +50,7 @@ def save_less_kernels(path: str | Path, kernels: LessKernels, provenance: dict |
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().to(dtype).contiguous() for name, p in kernels.state_dict().items()}
     meta = {"format": FORMAT, "config": kernels.config.to_dict(), "provenance": provenance or {}}
-    tmp = path.with_suffix(".partial")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    save_tensors(path, tensors)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return path
 

@@ -35,6 +35,7 @@ from namm.less.capture import attention_modules, capture_sequence
 from namm.less.checkpoint import save_less_kernels
 from namm.less.kernels import KernelConfig, LayerKernels, LessKernels, head_mlp, mix_per_query, states_by_interval
 from namm.policies.base import MemoryPolicy
+from namm.tensor_files import save_tensors
 
 DATA_FORMAT = 2  # version of the captured data in OUT/data (2: eviction times instead of masks)
 FIELDS = ("q", "k", "v", "evict_at", "interval", "sparse", "lse", "target")
@@ -274,8 +275,7 @@ def capture_all(model, tokenizer, policy: MemoryPolicy, data_dir: Path, config: 
         seq = tokens[starts[i]:starts[i + 1]].to(model.device)
         gen = torch.Generator().manual_seed(config.seed * 100_003 + i)
         tensors = capture_sequence(model, seq, policy, config.queries_per_seq, gen)
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(file.with_suffix(".partial")))
-        file.with_suffix(".partial").replace(file)
+        save_tensors(file, tensors)
         fresh += 1
     return files[:config.sequences], files[config.sequences:], fresh
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
@@ -44,6 +44,7 @@ from namm.less.policy import LessPolicy
 from namm.less.training import claim_run_dir, sequence_lengths
 from namm.memory.driver import MemoryRunner, attention_implementation, memory_attention_enabled
 from namm.policies.base import MemoryPolicy
+from namm.tensor_files import save_tensors
 
 REPLAY_ATTENTION = "namm_less_replay"
 LOSS_CHUNK = 256  # positions whose logits are materialised at once
@@ -258,8 +259,7 @@ def record_all(model, tokenizer, policy: MemoryPolicy, kernels: LessKernels, dat
         files.append(file)
         if not file.is_file():
             seq = tokens[starts[i]:starts[i] + lengths[i]].to(model.device)
-            save_file(record_sequence(model, seq, policy, active), str(file.with_suffix(".partial")))
-            file.with_suffix(".partial").replace(file)
+            save_tensors(file, record_sequence(model, seq, policy, active))
         with safe_open(str(file), framework="pt") as f:
             if not any(key.endswith(".evict_at") for key in f.keys()):
                 raise ValueError(f"the policy evicted no token of {lengths[i]}-token sequence {i}: nothing to "
