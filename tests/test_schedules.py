@@ -137,6 +137,18 @@ def test_pyramidkv_layer_sizes_decrease_within_the_budget():
     assert sum(sizes) <= 0.5 * 300 * len(sizes)
 
 
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv"])
+@pytest.mark.parametrize("options", [{"kernel": 4}, {"kernel": 0}, {"window": 0}])
+def test_observation_window_policies_reject_impossible_pooling(name, options):
+    with pytest.raises(ValueError, match="odd number"):
+        namm.make_policy(name, **options)
+
+
+def test_pyramidkv_rejects_a_top_layer_larger_than_the_mean():
+    with pytest.raises(ValueError, match="beta"):
+        namm.make_policy("pyramidkv", beta=0.5)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from namm.policies.base import LayerView, MemoryPolicy
-from namm.policies.budget import Budget, budget_policy_init
+from namm.policies.base import LayerView
 from namm.policies.selection import keep_top, recent_slots
-from namm.policies.snapkv import snapkv_scores
+from namm.policies.snapkv import SnapKVPolicy, snapkv_scores
 
 
 def pyramid_capacity(mean_cap: Tensor, layer_idx: int, num_layers: int, beta: float) -> Tensor:
@@ -33,20 +32,16 @@ def pyramid_capacity(mean_cap: Tensor, layer_idx: int, num_layers: int, beta: fl
 
 
 @dataclass
-class PyramidKVPolicy(MemoryPolicy):
-    budget: Budget | float | int | str = 0.25
-    window: int = 32
-    kernel: int = 7
+class PyramidKVPolicy(SnapKVPolicy):
+    """SnapKV with per-layer sizes from :func:`pyramid_capacity`."""
+
     beta: float = 20.0
-    n_up: int = 512
     name = "pyramidkv"
-    default_schedule = "prompt-end"
 
     def __post_init__(self) -> None:
-        budget_policy_init(self)
+        super().__post_init__()
         if self.beta < 1:
             raise ValueError("beta must be >= 1")
-        self.query_window = self.window
 
     def select(self, view: LayerView) -> Tensor:
         cap = pyramid_capacity(self.budget.capacity(view.tokens_seen), view.layer_idx, view.num_layers, self.beta)
