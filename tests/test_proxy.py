@@ -264,6 +264,7 @@ def test_record_store_gives_back_what_was_recorded(tiny, tmp_path, monkeypatch):
     store = RecordStore(tmp_path / "records")
     first = ProxyScorer(model, policy, progress=False, store=store).members(params, prompts)
     assert len(list((tmp_path / "records").glob("*.safetensors"))) == len(prompts)
+    assert not list((tmp_path / "records").glob("*.partial")), "a temporary file was left behind"
     calls = []
     original = proxy.record_prompt
     monkeypatch.setattr(proxy, "record_prompt", lambda *a, **kw: calls.append(a[4]) or original(*a, **kw))
