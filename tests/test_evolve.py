@@ -170,6 +170,8 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path):
     assert (out / "curve.png").stat().st_size > 0 and (out / "log.csv").read_text().startswith("generation,")
     best = load_namm_checkpoint(out / "best")
     assert best.provenance["generation"] in (2, 3) and best.provenance["tasks"] == ["passkey", "kv_retrieval"]
+    assert best.provenance["normalization"] == {"kind": "calibration", "model": best.provenance["model"],
+                                                "task": "passkey", "statistics": "mean, std"}
     assert torch.equal(best.mean, straight.policy.normalization.mean)
     namm.make_policy("namm", checkpoint=str(out / "best"))  # loads as a policy
     means = sorted(d.name for d in (out / "means").iterdir())
@@ -190,6 +192,8 @@ def test_init_from_keeps_cma_state_and_statistics(tiny, tmp_path):
     assert stage2.cmaes.generation == 2 and torch.equal(stage2.cmaes.mean, stage1.cmaes.mean)
     assert stage2.cmaes.sigma == stage1.cmaes.sigma
     assert torch.equal(stage2.policy.normalization.std, stage1.policy.normalization.std)
+    inherited = load_namm_checkpoint(tmp_path / "s2" / "normalization").provenance["normalization"]
+    assert inherited == load_namm_checkpoint(tmp_path / "s1" / "best").provenance["normalization"]
     stage2.run()
     assert stage2.cmaes.generation == 3
     with pytest.raises(ValueError, match="same"):
@@ -202,7 +206,8 @@ def test_init_checkpoint_centres_a_fresh_cmaes_on_its_parameters(tiny, tmp_path)
     zeros = zeros_checkpoint("mlp")
     params = torch.randn(zeros.params.shape, generator=torch.Generator().manual_seed(3)) * 0.1
     std = zeros.std * 2 + 0.5
-    save_namm_checkpoint(tmp_path / "start", params, zeros.mean, std, zeros.config)
+    calibration = {"kind": "calibration", "model": "elsewhere", "statistics": "median, IQR / 1.349"}
+    save_namm_checkpoint(tmp_path / "start", params, zeros.mean, std, zeros.config, {"normalization": calibration})
     run = Trainer(tiny_config(generations=1, scorer="mlp", init_checkpoint=str(tmp_path / "start")), tmp_path / "r",
                   model, tokenizer, progress=False)
     run.start()
@@ -214,6 +219,7 @@ def test_init_checkpoint_centres_a_fresh_cmaes_on_its_parameters(tiny, tmp_path)
     best = load_namm_checkpoint(tmp_path / "r" / "best")
     assert torch.allclose(best.params, params) and best.provenance["generation"] == 0
     assert best.provenance["mean_fitness"] == start_row["eval_fitness"]
+    assert best.provenance["normalization"] == calibration, "the statistics' record travels with them"
     run.run()
     assert run.cmaes.generation == 1
     rows = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").open()]

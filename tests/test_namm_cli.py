@@ -72,6 +72,36 @@ def test_robust_calibration_centres_on_the_median_and_ignores_outliers(capsys, t
     assert robust.provenance["statistics"] == "median, IQR / 1.349" and (robust.std > 0).all()
 
 
+def test_calibrate_gives_an_existing_namm_this_models_statistics(capsys, tmp_path, model_dir, prompt_file):
+    source = namm.make_policy("namm", checkpoint="zeros", scorer="mlp", n_up=64)
+    params = torch.randn(source.num_params, generator=torch.Generator().manual_seed(1))
+    config = {**source.config(), "selection": {"threshold": -0.75, "pool": 3, "mode": "budget"}}
+    record = {"kind": "calibration", "model": "elsewhere", "statistics": "median, IQR / 1.349"}
+    namm.policies.namm.save_namm_checkpoint(tmp_path / "src.json", params, torch.full((17,), 9.0),
+                                            torch.full((17,), 3.0), config, {"model": "elsewhere",
+                                                                             "normalization": record})
+    out = tmp_path / "adapted.json"
+    code, stdout, err = run_cli(capsys, "calibrate", "--model", str(model_dir), "--checkpoint", str(tmp_path / "src.json"),
+                                "--prompt-file", str(prompt_file), "--out", str(out), "--quiet")
+    assert code == 0, err
+    assert "median" in stdout, "the source's robust statistics are the default"
+    adapted = namm.policies.namm.load_namm_checkpoint(out)
+    assert torch.equal(adapted.params, params) and adapted.config == config
+    assert not torch.equal(adapted.mean, torch.full((17,), 9.0)) and (adapted.std > 0).all()
+    assert adapted.provenance["model"] == "elsewhere" and adapted.provenance["recalibrated_from"] == str(tmp_path / "src.json")
+    assert adapted.provenance["normalization"]["model"] == str(model_dir)
+    assert adapted.provenance["normalization"]["statistics"] == "median, IQR / 1.349"
+    code, _, err = run_cli(capsys, "calibrate", "--model", str(model_dir), "--prompt-file", str(prompt_file),
+                           "--n-up", "64", "--robust", "--scorer", "mlp", "--out", str(tmp_path / "ref.json"), "--quiet")
+    assert code == 0, err
+    reference = namm.policies.namm.load_namm_checkpoint(tmp_path / "ref.json")  # the same prompts, from scratch
+    assert torch.equal(adapted.mean, reference.mean) and torch.equal(adapted.std, reference.std)
+    code, _, err = run_cli(capsys, "calibrate", "--model", str(model_dir), "--checkpoint", str(tmp_path / "src.json"),
+                           "--prompt-file", str(prompt_file), "--n-up", "32", "--out", str(tmp_path / "x.json"))
+    assert code == 2 and "--n-up cannot be set with --checkpoint" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_calibrate_errors(capsys, tmp_path, model_dir, prompt_file):
     code, _, err = run_cli(capsys, "calibrate", "--model", str(model_dir), "--prompt-file", str(prompt_file),
                            "--n-up", "4096", "--out", str(tmp_path / "x.json"))

@@ -35,7 +35,7 @@ from namm.evolve.fitness import (ANSWER_STATISTICS, AnswerScorer, MemoryTerm, Po
                                  normalised_fitness, tokenize_samples)
 from namm.evolve.log import TrainingLog
 from namm.policies.base import check_schedule
-from namm.policies.namm.checkpoint import check_pool
+from namm.policies.namm.checkpoint import calibration_record, check_pool
 
 RUN_FILE = "run.json"
 TRAINER_STATE = "trainer.json"
@@ -196,25 +196,30 @@ class Trainer:
             self.cmaes = CMAES.load(previous / "state")
             self._check_inherited(self.cmaes.config)
             norm = load_namm_checkpoint(str(previous / "normalization"))
-            mean, std, namm_config = norm.mean, norm.std, norm.config
+            mean, std, namm_config, calibration = norm.mean, norm.std, norm.config, calibration_record(norm)
             num_params = self.cmaes.config.num_params
         elif self.config.init_checkpoint:
             start = load_namm_checkpoint(self.config.init_checkpoint)
-            mean, std, namm_config = start.mean, start.std, start.config
+            mean, std, namm_config, calibration = start.mean, start.std, start.config, calibration_record(start)
             params = self._start_params(start.params, namm_config["scorer"])
             namm_config = {**namm_config, "scorer": make_scorer(self.config.scorer_spec, 1).config()}
             num_params = params.numel()
             self.cmaes = self._new_cmaes(num_params, params)
         else:
             mean, std = self._calibrate()
+            calibration = {"kind": "calibration", "model": self.model_name, "task": self.config.tasks[0],
+                           "statistics": "mean, std"}
             probe = build_policy("zeros", self.config)
             num_params, namm_config = probe.num_params, probe.config()
             self.cmaes = self._new_cmaes(num_params)
         if self.config.pool is not None:  # the stage's pool, so a later --init-from stage inherits it
             namm_config = {**namm_config, "selection": {**namm_config.get("selection", {}), "pool": self.config.pool}}
         if self.workers.is_main:
+            provenance = self._provenance(generation=self.cmaes.generation, fitness=None)
+            if calibration is not None:
+                provenance["normalization"] = calibration
             save_namm_checkpoint(self.out / "normalization", torch.zeros(num_params), mean, std, namm_config,
-                                 self._provenance(generation=self.cmaes.generation, fitness=None))
+                                 provenance)
             self._save_state()
         self._barrier()
         self.build_scorer()
@@ -319,7 +324,9 @@ class Trainer:
         return [None] if self.config.budgets is None else list(dict.fromkeys(self.config.budgets))
 
     def _provenance(self, generation: int, fitness: float | None) -> dict:
-        return {"model": self.model_name, "tasks": self.config.tasks, "length": self.config.length,
+        """What a saved checkpoint records about the run (and, once known, its normalisation's calibration)."""
+        calibration = calibration_record(self.policy.loaded_checkpoint) if self.policy is not None else None
+        return {**({"normalization": calibration} if calibration is not None else {}), "model": self.model_name, "tasks": self.config.tasks, "length": self.config.length,
                 "generation": generation, "mean_fitness": fitness, "population": self.config.population,
                 "separable": self.config.separable, "seed": self.config.seed, "trainer": "namm evolve",
                 "fitness": self.config.fitness, "evaluator": self.config.evaluator, "mode": self.config.mode,

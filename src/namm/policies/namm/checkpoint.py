@@ -63,6 +63,14 @@ def namm_config(features: FeatureConfig | None = None, scorer: str | dict = "bam
             "selection": selection}
 
 
+def calibration_record(ckpt: NAMMCheckpoint) -> dict | None:
+    """How a checkpoint's normalisation statistics were measured: its own provenance for a
+    ``namm calibrate`` checkpoint, else the record it carries as ``normalization`` (None if unknown)."""
+    if ckpt.provenance.get("kind") == "calibration":
+        return ckpt.provenance
+    return ckpt.provenance.get("normalization")
+
+
 def check_floor(floor: object, where: str) -> None:
     """Raise ValueError unless ``floor`` (threshold mode's per-layer floor) is a fraction in (0, 1]."""
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor <= 1:
