@@ -24,8 +24,8 @@ def add_parser(sub) -> None:
                     "(OUT.json + OUT.safetensors, or OUT/namm.* for a folder). Use it with "
                     "`--policy namm --checkpoint OUT.json` or as the start of `namm evolve`. With --checkpoint SRC, "
                     "keep SRC's scorer, selection (score cut, pool, mode) and feature settings and replace only its "
-                    "statistics by this model's: SRC's score cut then keeps a similar share of this model's cache "
-                    "in threshold mode (transfer, docs/algorithm.md §11).")
+                    "statistics by this model's, so that threshold mode applies SRC's score cut in this model's "
+                    "feature scale (transfer, docs/algorithm.md §11).")
     add_model_args(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", help="task whose prompts to use (see `namm eval --list-tasks`)")
