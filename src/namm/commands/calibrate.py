@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from namm.commands.common import add_model_args, load_model_from_args, read_text_file, set_threads, show_progress
 
 if TYPE_CHECKING:
     from namm.policies.namm.checkpoint import NAMMCheckpoint
+
+ROBUST_STATISTICS = "median, IQR / 1.349"  # how a calibration record names the robust statistics
 
 
 def add_parser(sub) -> None:
@@ -58,9 +59,6 @@ def task_prompts(args: argparse.Namespace, tokenizer) -> list[str]:
     if args.task not in task_names():
         raise ValueError(f"unknown task {args.task!r}; choose one of: {', '.join(task_names())}")
     return [s.prompt for s in get_task(args.task).samples(tokenizer, args.length, args.samples, seed=args.seed)]
-
-
-ROBUST_STATISTICS = "median, IQR / 1.349"
 
 
 def load_source(args: argparse.Namespace) -> NAMMCheckpoint | None:
