@@ -13,8 +13,6 @@ from namm.commands.common import add_model_args, load_model_from_args, read_text
 if TYPE_CHECKING:
     from namm.policies.namm.checkpoint import NAMMCheckpoint
 
-ROBUST_STATISTICS = "median, IQR / 1.349"  # how a calibration record names the robust statistics
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -76,15 +74,16 @@ def load_source(args: argparse.Namespace) -> NAMMCheckpoint | None:
 
 def source_is_robust(source: NAMMCheckpoint) -> bool:
     """Whether a checkpoint's statistics are the robust kind, as its calibration record says."""
+    from namm.policies.namm.calibration import statistics_name
     from namm.policies.namm.checkpoint import calibration_record
 
-    return (calibration_record(source) or {}).get("statistics") == ROBUST_STATISTICS
+    return (calibration_record(source) or {}).get("statistics") == statistics_name(robust=True)
 
 
 def run(args: argparse.Namespace) -> int:
     import namm
     from namm.memory.generation import model_context, tokenize_prompts
-    from namm.policies.namm.calibration import calibrate_normalization
+    from namm.policies.namm.calibration import calibrate_normalization, statistics_name
     from namm.policies.namm.checkpoint import namm_config, save_namm_checkpoint
     from namm.policies.namm.features import FeatureConfig
 
@@ -111,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         "task": args.task, "length": args.length if args.task else None, "seed": args.seed if args.task else None,
         "prompt_files": [str(Path(f)) for f in args.prompt_file] if args.prompt_file else None,
         "prompts": len(ids), "prompt_tokens": int(sum(len(x) for x in ids)),
-        "statistics": ROBUST_STATISTICS if robust else "mean, std",
+        "statistics": statistics_name(robust),
     }
     if source is None:
         scorer = args.scorer or "bam"

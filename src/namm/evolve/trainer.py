@@ -185,6 +185,7 @@ class Trainer:
 
     def start(self) -> None:
         """Fresh stage: calibrate (or inherit) the normalisation, build or inherit CMA-ES, save."""
+        from namm.policies.namm.calibration import statistics_name
         from namm.policies.namm.checkpoint import load_namm_checkpoint, save_namm_checkpoint
         from namm.policies.namm.scorers import make_scorer
 
@@ -208,18 +209,15 @@ class Trainer:
         else:
             mean, std = self._calibrate()
             calibration = {"kind": "calibration", "model": self.model_name, "task": self.config.tasks[0],
-                           "statistics": "mean, std"}
+                           "statistics": statistics_name(robust=False)}
             probe = build_policy("zeros", self.config)
             num_params, namm_config = probe.num_params, probe.config()
             self.cmaes = self._new_cmaes(num_params)
         if self.config.pool is not None:  # the stage's pool, so a later --init-from stage inherits it
             namm_config = {**namm_config, "selection": {**namm_config.get("selection", {}), "pool": self.config.pool}}
         if self.workers.is_main:
-            provenance = self._provenance(generation=self.cmaes.generation, fitness=None)
-            if calibration is not None:
-                provenance["normalization"] = calibration
             save_namm_checkpoint(self.out / "normalization", torch.zeros(num_params), mean, std, namm_config,
-                                 provenance)
+                                 self._provenance(self.cmaes.generation, fitness=None, calibration=calibration))
             self._save_state()
         self._barrier()
         self.build_scorer()
@@ -323,15 +321,20 @@ class Trainer:
         """Budgets the CMA-ES mean is evaluated at: both ends of the range (None: threshold mode)."""
         return [None] if self.config.budgets is None else list(dict.fromkeys(self.config.budgets))
 
-    def _provenance(self, generation: int, fitness: float | None) -> dict:
-        """What a saved checkpoint records about the run (and, once known, its normalisation's calibration)."""
-        calibration = calibration_record(self.policy.loaded_checkpoint) if self.policy is not None else None
-        return {**({"normalization": calibration} if calibration is not None else {}), "model": self.model_name, "tasks": self.config.tasks, "length": self.config.length,
-                "generation": generation, "mean_fitness": fitness, "population": self.config.population,
-                "separable": self.config.separable, "seed": self.config.seed, "trainer": "namm evolve",
-                "fitness": self.config.fitness, "evaluator": self.config.evaluator, "mode": self.config.mode,
-                "budgets": self.config.budgets, "schedule": self.config.schedule,
-                "protocol": "query-agnostic" if self.config.question_after_compression else "query-aware"}
+    def _provenance(self, generation: int, fitness: float | None, calibration: dict | None = None) -> dict:
+        """What a saved checkpoint records about the run and how its normalisation statistics were
+        measured (``calibration``; default: the record of the built policy's statistics, if any)."""
+        if calibration is None and self.policy is not None:
+            calibration = calibration_record(self.policy.loaded_checkpoint)
+        provenance = {"model": self.model_name, "tasks": self.config.tasks, "length": self.config.length,
+                      "generation": generation, "mean_fitness": fitness, "population": self.config.population,
+                      "separable": self.config.separable, "seed": self.config.seed, "trainer": "namm evolve",
+                      "fitness": self.config.fitness, "evaluator": self.config.evaluator, "mode": self.config.mode,
+                      "budgets": self.config.budgets, "schedule": self.config.schedule,
+                      "protocol": "query-agnostic" if self.config.question_after_compression else "query-aware"}
+        if calibration is not None:
+            provenance["normalization"] = calibration
+        return provenance
 
     # ---- the loop ------------------------------------------------------------------------
 

@@ -25,6 +25,11 @@ ROWS_PER_UPDATE = 512  # robust statistics: feature rows sampled per (layer, upd
 IQR_PER_STD = 1.3489795
 
 
+def statistics_name(robust: bool) -> str:
+    """How a calibration record names the kind of statistics (``provenance["statistics"]``)."""
+    return "median, IQR / 1.349" if robust else "mean, std"
+
+
 @dataclass
 class FeatureStatistics(MemoryPolicy):
     """A keep-everything policy that runs the NAMM features and accumulates per-bin moments
