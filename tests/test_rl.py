@@ -129,3 +129,36 @@ def test_cli_train_and_eval_tiny(tmp_path, capsys):
     assert (out / "rl_retention.png").is_file()
     assert main(["rl", "eval", "--seeds", "x"]) == 2
     assert "comma-separated list" in capsys.readouterr().err
+
+
+def test_cli_calibrate_gives_a_namm_the_dts_statistics(tmp_path, capsys):
+    pytest.importorskip("gymnasium")
+    from namm.rl.calibration import episode_statistics
+    from namm.rl.data import generate_trajectories
+    from namm.rl.rollout import rollout
+
+    save_dt(tiny_dt(), tmp_path / "dt")
+    source = namm.make_policy("namm", checkpoint="zeros", n_up=32)
+    params = torch.randn(source.num_params, generator=torch.Generator().manual_seed(1))
+    config = {**source.config(), "selection": {"threshold": 0.0, "pool": 1, "mode": "threshold"}}
+    record = {"kind": "calibration", "model": "elsewhere", "statistics": "mean, std"}
+    namm.policies.namm.save_namm_checkpoint(tmp_path / "src.json", params, torch.full((17,), 9.0),
+                                            torch.full((17,), 3.0), config, {"model": "elsewhere",
+                                                                             "normalization": record})
+    out = tmp_path / "on-dt.json"
+    assert main(["rl", "calibrate", "--checkpoint", str(tmp_path / "src.json"), "--dt", str(tmp_path / "dt.json"),
+                 "--episodes", "2", "--out", str(out)]) == 0
+    assert "bin   mean" in capsys.readouterr().out, "the source's kind of statistics is the default"
+    adapted = namm.policies.namm.load_namm_checkpoint(out)
+    assert torch.equal(adapted.params, params) and adapted.config == config
+    assert adapted.provenance["model"] == "elsewhere"
+    assert adapted.provenance["normalization"]["model"] == f"decision transformer {tmp_path / 'dt.json'}"
+    episodes = generate_trajectories(2, seed=7, max_epsilon=0.4)  # the command's defaults
+    mean, std = episode_statistics(load_dt(tmp_path / "dt.json"), episodes, adapted.features)
+    assert torch.equal(adapted.mean, mean) and torch.equal(adapted.std, std) and (std > 0).all()
+    assert not torch.allclose(mean, torch.full((17,), 9.0))
+    run = rollout(load_dt(tmp_path / "dt.json"), namm.make_policy("namm", checkpoint=str(out), schedule="progressive"),
+                  [1])
+    assert (run.updates > 0).all()
+    assert main(["rl", "calibrate", "--checkpoint", str(tmp_path / "none.json"), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "x").exists()

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from namm.commands.common import add_model_args, load_model_from_args, read_text_file, set_threads, show_progress
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from namm.policies.namm.checkpoint import NAMMCheckpoint
 
 
@@ -114,14 +116,27 @@ def run(args: argparse.Namespace) -> int:
     }
     if source is None:
         scorer = args.scorer or "bam"
-        params, config, provenance = (namm.make_policy("namm", checkpoint="zeros", scorer=scorer).params,
-                                      namm_config(features, scorer), calibration)
+        path = save_namm_checkpoint(args.out, params=namm.make_policy("namm", checkpoint="zeros", scorer=scorer).params,
+                                    mean=mean, std=std, config=namm_config(features, scorer), provenance=calibration)
     else:
-        params, config = source.params, source.config
-        provenance = {**source.provenance, "normalization": calibration, "recalibrated_from": args.checkpoint}
-    path = save_namm_checkpoint(args.out, params=params, mean=mean, std=std, config=config, provenance=provenance)
+        path = save_recalibrated(args.out, source, args.checkpoint, mean, std, calibration)
     print(f"calibrated on {len(ids)} prompts ({calibration['prompt_tokens']} tokens) of {args.model}; saved {path}")
+    print_statistics(mean, std, robust)
+    return 0
+
+
+def save_recalibrated(out: str, source: NAMMCheckpoint, source_name: str, mean: Tensor, std: Tensor,
+                      calibration: dict) -> Path:
+    """Save ``source`` with its statistics replaced by ``mean``/``std``; its provenance gains the
+    calibration record and the name it was re-calibrated from."""
+    from namm.policies.namm.checkpoint import save_namm_checkpoint
+
+    provenance = {**source.provenance, "normalization": calibration, "recalibrated_from": source_name}
+    return save_namm_checkpoint(out, params=source.params, mean=mean, std=std, config=source.config,
+                                provenance=provenance)
+
+
+def print_statistics(mean: Tensor, std: Tensor, robust: bool) -> None:
     print("bin   median      IQR/1.349" if robust else "bin   mean        std")
     for k, (m, s) in enumerate(zip(mean.tolist(), std.tolist())):
         print(f"{k:>3}  {m:.6g}  {s:.6g}")
-    return 0

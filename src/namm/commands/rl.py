@@ -1,6 +1,7 @@
 """``namm rl``: a Decision Transformer on CartPole-v1 with memory policies (the NAMM zero-shot).
 
 ``namm rl train`` rebuilds the shipped Decision Transformer from behaviour episodes it generates;
+``namm rl calibrate`` gives a NAMM checkpoint the DT's feature statistics;
 ``namm rl eval`` rolls it out through the memory runtime with the full cache, a NAMM checkpoint
 and recency / H2O at the NAMM's measured memory, and writes the results table and retention plot.
 """
@@ -39,6 +40,27 @@ def add_parser(sub) -> None:
     train.add_argument("--seed", type=int, default=0, help="data and training seed (default: 0)")
     train.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
     train.set_defaults(run=run_train)
+    cal = actions.add_parser(
+        "calibrate", help="give a NAMM the Decision Transformer's feature statistics",
+        description="Feed behaviour episodes (as in training) through the Decision Transformer with the keep-everything "
+                    "NAMM feature pipeline and save the NAMM checkpoint --checkpoint with its normalisation statistics "
+                    "replaced by the DT's: its scorer, score cut and feature settings are kept, so threshold mode "
+                    "applies the language-evolved cut in the DT's feature scale (docs/algorithm.md §11). Use the "
+                    "result as `namm rl eval --checkpoint OUT.json`.")
+    cal.add_argument("--checkpoint", required=True, help="NAMM to re-calibrate (shipped name or path)")
+    cal.add_argument("--dt", default="cartpole-dt", help="Decision Transformer: the shipped name or a path "
+                                                         "(default: cartpole-dt)")
+    cal.add_argument("--episodes", type=int, default=16, help="behaviour episodes (default: 16)")
+    cal.add_argument("--max-epsilon", type=float, default=0.4,
+                     help="largest action-flip probability of the behaviour episodes (default: 0.4, as in training)")
+    cal.add_argument("--seed", type=int, default=7,
+                     help="episode seed; keep it apart from the DT's training data (0) and the retention view's "
+                          "episodes (999) (default: 7)")
+    cal.add_argument("--robust", action="store_true", default=None,
+                     help="median and IQR / 1.349 instead of mean and std (default: the kind the checkpoint records)")
+    cal.add_argument("--out", required=True, help="checkpoint path: FILE.json / FILE.safetensors, or a folder")
+    cal.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
+    cal.set_defaults(run=run_calibrate)
     ev = actions.add_parser(
         "eval", help="mean return of DT rollouts per memory policy, and the NAMM's retention view",
         description="Roll the Decision Transformer out greedily (asking for the maximum return) through namm's "
@@ -78,6 +100,39 @@ def run_train(args: argparse.Namespace) -> int:
                      max_epsilon=args.max_epsilon, seed=args.seed, observed=observed)
     for path in save_dt(model, args.out):
         print(f"wrote {path}")
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    import namm
+    from namm.commands.calibrate import print_statistics, save_recalibrated, source_is_robust
+    from namm.policies.namm.calibration import statistics_name
+    from namm.policies.namm.checkpoint import load_namm_checkpoint
+    from namm.rl.calibration import episode_statistics
+    from namm.rl.data import generate_trajectories
+    from namm.rl.model import load_dt
+
+    if args.episodes < 1:
+        raise ValueError("--episodes must be >= 1")
+    if not 0 <= args.max_epsilon <= 1:
+        raise ValueError("--max-epsilon must be in [0, 1]")
+    source = load_namm_checkpoint(args.checkpoint)
+    robust = source_is_robust(source) if args.robust is None else args.robust
+    torch.set_num_threads(args.threads)
+    model = load_dt(args.dt)
+    episodes = generate_trajectories(args.episodes, seed=args.seed, max_epsilon=args.max_epsilon)
+    mean, std = episode_statistics(model, episodes, source.features, robust=robust)
+    tokens = sum(3 * len(e.actions) - 1 for e in episodes)
+    calibration = {
+        "kind": "calibration", "model": f"decision transformer {args.dt}", "namm_version": namm.__version__,
+        "env": model.config.env, "episodes": args.episodes, "max_epsilon": args.max_epsilon, "seed": args.seed,
+        "prompts": args.episodes, "prompt_tokens": tokens, "statistics": statistics_name(robust),
+    }
+    path = save_recalibrated(args.out, source, args.checkpoint, mean, std, calibration)
+    print(f"calibrated on {args.episodes} behaviour episodes ({tokens} tokens) of {args.dt}; saved {path}")
+    print_statistics(mean, std, robust)
     return 0
 
 
