@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
                     "NAMM feature pipeline and save the NAMM checkpoint --checkpoint with its normalisation statistics "
                     "replaced by the DT's: its scorer, score cut and feature settings are kept, so threshold mode "
                     "applies the language-evolved cut in the DT's feature scale (docs/algorithm.md §11). Use the "
-                    "result as `namm rl eval --checkpoint OUT.json`.")
+                    "result as `namm rl eval --checkpoint OUT` (its .json).")
     cal.add_argument("--checkpoint", required=True, help="NAMM to re-calibrate (shipped name or path)")
     cal.add_argument("--dt", default="cartpole-dt", help="Decision Transformer: the shipped name or a path "
                                                          "(default: cartpole-dt)")
@@ -112,7 +112,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from namm.policies.namm.checkpoint import load_namm_checkpoint
     from namm.rl.calibration import episode_statistics
     from namm.rl.data import generate_trajectories
-    from namm.rl.model import load_dt
+    from namm.rl.model import TOKENS_PER_STEP, load_dt
 
     if args.episodes < 1:
         raise ValueError("--episodes must be >= 1")
@@ -124,7 +124,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     model = load_dt(args.dt)
     episodes = generate_trajectories(args.episodes, seed=args.seed, max_epsilon=args.max_epsilon)
     mean, std = episode_statistics(model, episodes, source.features, robust=robust)
-    tokens = sum(3 * len(e.actions) - 1 for e in episodes)
+    tokens = sum(TOKENS_PER_STEP * len(e.actions) - 1 for e in episodes)  # the last action is never fed
     calibration = {
         "kind": "calibration", "model": f"decision transformer {args.dt}", "namm_version": namm.__version__,
         "env": model.config.env, "episodes": args.episodes, "max_epsilon": args.max_epsilon, "seed": args.seed,
