@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from namm.eval.intervals import format_difference, paired_difference
 from namm.policies.registry import make_policy
 from namm.rl.data import generate_trajectories
 from namm.rl.model import DecisionTransformer
@@ -47,6 +48,7 @@ def summarize(name: str, budget: float | None, results: list[RolloutResult], sec
         "policy": name, "budget": budget, "episodes": int(len(returns)), "return_mean": mean, "return_lo": lo,
         "at_max_share": float((returns >= max_return).mean()),
         "return_hi": hi, "seed_means": [float(r.returns.mean()) for r in results],
+        "returns": returns.tolist(),
         "kv_fraction_after_update": float(np.nanmean(fractions)) if np.isfinite(fractions).any() else 1.0,
         "kv_fraction_end": float(np.concatenate([r.kv_fraction_end for r in results]).mean()),
         "updates_per_episode": float(np.concatenate([r.updates for r in results]).mean()),
@@ -117,6 +119,24 @@ def retention_views(model: DecisionTransformer, checkpoint: str, n_up: int | Non
     return {"behaviour episodes (10% flipped actions)": forced, "NAMM's own rollouts (seed 0)": own}
 
 
+def paired_rows(rows: list[dict]) -> list[dict]:
+    """Every NAMM row against each baseline row at its budget (the threshold-mode NAMM against the
+    baselines at its matched memory): the mean per-episode return difference with its bootstrap
+    95% interval. Every policy plays the same environment seeds, so episodes pair."""
+    out = []
+    baselines = [r for r in rows if r["policy"] in ("recency", "h2o")]
+    matched = next((b["budget"] for b in baselines), None)
+    for row in rows:
+        if not row["policy"].startswith("namm"):
+            continue
+        budget = matched if row["budget"] is None else row["budget"]
+        for base in (b for b in baselines if b["budget"] == budget):
+            diff, (lo, hi) = paired_difference(row["returns"], base["returns"])
+            out.append({"policy": row["policy"], "baseline": base["policy"], "budget": budget,
+                        "difference": diff, "lo": lo, "hi": hi})
+    return out
+
+
 def format_row(row: dict) -> str:
     budget = "" if row["budget"] is None else f" @ {row['budget']:.3f}"
     return (f"{row['policy']}{budget}: return {row['return_mean']:.1f} [{row['return_lo']:.1f}, {row['return_hi']:.1f}]"
@@ -170,6 +190,20 @@ def write_report(record: dict, out: Path, command: str) -> list[Path]:
         "full cache); at end: when the episode stops. Actions = expert's: share of the DT's actions that equal the "
         "scripted expert controller's.",
         "",
+        "## The NAMM against each baseline at the same memory",
+        "",
+        "| NAMM | baseline | budget | return difference, paired [95% CI] |",
+        "|---|---|---|---|",
+    ]
+    for d in paired_rows(record["rows"]):
+        lines.append(f"| {d['policy']} | {d['baseline']} | {d['budget']:.3f} | "
+                     f"{format_difference(d['difference'], (d['lo'], d['hi']))} |")
+    lines += [
+        "",
+        "Paired: every policy plays the same environment seeds, so the difference is taken episode by episode "
+        "(NAMM − baseline) and bootstrapped over episodes; an interval that excludes 0 is a difference this "
+        "many episodes can show.",
+        "",
         "## What the NAMM keeps",
         "",
         "![retention](rl_retention.png)",
@@ -192,5 +226,6 @@ def write_report(record: dict, out: Path, command: str) -> list[Path]:
     ]
     md, js = out / "rl.md", out / "rl.json"
     md.write_text("\n".join(lines), encoding="utf-8")
-    js.write_text(json.dumps({**record, "command": command}, indent=2) + "\n", encoding="utf-8")
+    js.write_text(json.dumps({**record, "paired": paired_rows(record["rows"]), "command": command}, indent=2) + "\n",
+                  encoding="utf-8")
     return [md, js, png]
