@@ -127,7 +127,8 @@ def test_cli_train_and_eval_tiny(tmp_path, capsys):
     assert record["checkpoint_source"] == "smollm2-135m"
     paired = [(d["policy"], d["baseline"], d["budget"]) for d in record["paired"]]
     matched = record["matched_budget"]
-    assert paired == [("namm (smollm2-135m)", "recency", matched), ("namm (smollm2-135m)", "h2o", matched),
+    assert paired == [("namm (smollm2-135m)", "full", matched), ("namm (smollm2-135m)", "recency", matched),
+                      ("namm (smollm2-135m)", "h2o", matched), ("namm (smollm2-135m) budget mode", "full", 0.5),
                       ("namm (smollm2-135m) budget mode", "recency", 0.5), ("namm (smollm2-135m) budget mode", "h2o", 0.5)]
     assert "return difference, paired" in (out / "rl.md").read_text()
     assert "evolved on smollm2-135m's text" in (out / "rl.md").read_text()
@@ -146,8 +147,9 @@ def test_paired_rows_pair_each_namm_with_the_baselines_at_its_budget():
             row("h2o", 0.3, [5.0, 7.0]), row("recency", 0.1, [1.0, 2.0]), row("namm (x) budget mode", 0.1, [3.0, 3.0])]
     paired = paired_rows(rows)
     assert [(d["policy"], d["baseline"], d["budget"], d["difference"]) for d in paired] == [
-        ("namm (x)", "recency", 0.3, 2.0), ("namm (x)", "h2o", 0.3, 0.0), ("namm (x) budget mode", "recency", 0.1, 1.5)]
-    assert paired[1]["lo"] == paired[1]["hi"] == 0.0 and paired[0]["lo"] > 0
+        ("namm (x)", "full", 0.3, -3.0), ("namm (x)", "recency", 0.3, 2.0), ("namm (x)", "h2o", 0.3, 0.0),
+        ("namm (x) budget mode", "full", 0.1, -6.0), ("namm (x) budget mode", "recency", 0.1, 1.5)]
+    assert paired[2]["lo"] == paired[2]["hi"] == 0.0 and paired[1]["lo"] > 0 and paired[0]["hi"] < 0
 
 
 def test_cli_calibrate_gives_a_namm_the_dts_statistics(tmp_path, capsys):

@@ -120,17 +120,19 @@ def retention_views(model: DecisionTransformer, checkpoint: str, n_up: int | Non
 
 
 def paired_rows(rows: list[dict]) -> list[dict]:
-    """Every NAMM row against each baseline row at its budget (the threshold-mode NAMM against the
-    baselines at its matched memory): the mean per-episode return difference with its bootstrap
-    95% interval. Every policy plays the same environment seeds, so episodes pair."""
+    """Every NAMM row against the full cache and each baseline row at its budget (the
+    threshold-mode NAMM against the baselines at its matched memory): the mean per-episode return
+    difference with its bootstrap 95% interval. Every policy plays the same environment seeds, so
+    episodes pair."""
     out = []
+    full = [r for r in rows if r["policy"] == "full"]
     baselines = [r for r in rows if r["policy"] in ("recency", "h2o")]
     matched = next((b["budget"] for b in baselines), None)
     for row in rows:
         if not row["policy"].startswith("namm"):
             continue
         budget = matched if row["budget"] is None else row["budget"]
-        for base in (b for b in baselines if b["budget"] == budget):
+        for base in full + [b for b in baselines if b["budget"] == budget]:
             diff, (lo, hi) = paired_difference(row["returns"], base["returns"])
             out.append({"policy": row["policy"], "baseline": base["policy"], "budget": budget,
                         "difference": diff, "lo": lo, "hi": hi})
@@ -190,7 +192,7 @@ def write_report(record: dict, out: Path, command: str) -> list[Path]:
         "full cache); at end: when the episode stops. Actions = expert's: share of the DT's actions that equal the "
         "scripted expert controller's.",
         "",
-        "## The NAMM against each baseline at the same memory",
+        "## The NAMM against the full cache and each baseline at the same memory",
         "",
         "| NAMM | baseline | budget | return difference, paired [95% CI] |",
         "|---|---|---|---|",
