@@ -137,6 +137,14 @@ def test_cli_train_and_eval_tiny(tmp_path, capsys):
     assert "comma-separated list" in capsys.readouterr().err
 
 
+def test_cli_rejects_a_flip_probability_outside_0_1(tmp_path, capsys):
+    for action in (["train", "--out", str(tmp_path / "dt")], ["calibrate", "--checkpoint", "smollm2-135m",
+                                                               "--out", str(tmp_path / "namm")]):
+        assert main(["rl", *action, "--max-epsilon", "1.5"]) == 2
+        assert "--max-epsilon must be in [0, 1]" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_paired_rows_pair_each_namm_with_the_baselines_at_its_budget():
     from namm.rl.benchmark import paired_rows
 

@@ -90,8 +90,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     if min(args.episodes, args.steps, args.batch_size) < 1:
         raise ValueError("--episodes, --steps and --batch-size must be >= 1")
-    if not 0 <= args.max_epsilon <= 1:
-        raise ValueError("--max-epsilon must be in [0, 1]")
+    check_max_epsilon(args.max_epsilon)
     observed = tuple(parse_list(args.observe, int, "observe"))
     if not observed or not all(0 <= i < 4 for i in observed):
         raise ValueError("--observe must list state components in 0..3")
@@ -116,8 +115,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     if args.episodes < 1:
         raise ValueError("--episodes must be >= 1")
-    if not 0 <= args.max_epsilon <= 1:
-        raise ValueError("--max-epsilon must be in [0, 1]")
+    check_max_epsilon(args.max_epsilon)
     source = load_namm_checkpoint(args.checkpoint)
     robust = source_is_robust(source) if args.robust is None else args.robust
     torch.set_num_threads(args.threads)
@@ -134,6 +132,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(f"calibrated on {args.episodes} behaviour episodes ({tokens} tokens) of {args.dt}; saved {path}")
     print_statistics(mean, std, robust)
     return 0
+
+
+def check_max_epsilon(value: float) -> None:
+    """The behaviour policy's largest action-flip probability must be a probability."""
+    if not 0 <= value <= 1:
+        raise ValueError("--max-epsilon must be in [0, 1]")
 
 
 def parse_list(text: str, kind, what: str) -> list:
