@@ -197,7 +197,8 @@ def write_report(record: dict, out: Path, command: str) -> list[Path]:
         "| NAMM | baseline | budget | return difference, paired [95% CI] |",
         "|---|---|---|---|",
     ]
-    for d in paired_rows(record["rows"]):
+    paired = paired_rows(record["rows"])
+    for d in paired:
         lines.append(f"| {d['policy']} | {d['baseline']} | {d['budget']:.3f} | "
                      f"{format_difference(d['difference'], (d['lo'], d['hi']))} |")
     lines += [
@@ -228,6 +229,6 @@ def write_report(record: dict, out: Path, command: str) -> list[Path]:
     ]
     md, js = out / "rl.md", out / "rl.json"
     md.write_text("\n".join(lines), encoding="utf-8")
-    js.write_text(json.dumps({**record, "paired": paired_rows(record["rows"]), "command": command}, indent=2) + "\n",
+    js.write_text(json.dumps({**record, "paired": paired, "command": command}, indent=2) + "\n",
                   encoding="utf-8")
     return [md, js, png]
