@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from namm.eval.intervals import format_difference, paired_difference
+from namm.eval.intervals import bootstrap_interval, format_difference, paired_difference
 from namm.policies.registry import make_policy
 from namm.rl.data import generate_trajectories
 from namm.rl.model import DecisionTransformer
@@ -24,18 +24,11 @@ from namm.rl.retention import kept_shares, plot_retention, profile, teacher_forc
 from namm.rl.rollout import RolloutResult, rollout
 
 SEED_STRIDE = 10_000
+RETURN_RESAMPLES = 10_000  # bootstrap draws for a row's mean-return interval
 
 
 def env_seeds(seed: int, episodes: int) -> list[int]:
     return [SEED_STRIDE * (seed + 1) + i for i in range(episodes)]
-
-
-def mean_interval(values: np.ndarray, seed: int = 0, resamples: int = 10_000) -> tuple[float, float, float]:
-    """Mean and its 95% percentile-bootstrap interval."""
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(len(values), size=(resamples, len(values)))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(values.mean()), float(lo), float(hi)
 
 
 def summarize(name: str, budget: float | None, results: list[RolloutResult], seconds: float,
@@ -43,9 +36,9 @@ def summarize(name: str, budget: float | None, results: list[RolloutResult], sec
     """One table row from the rollouts of every seed (``at_max_share``: episodes reaching ``max_return``)."""
     returns = np.concatenate([r.returns for r in results])
     fractions = np.concatenate([r.kv_fraction for r in results])
-    mean, lo, hi = mean_interval(returns)
+    lo, hi = bootstrap_interval([returns], resamples=RETURN_RESAMPLES)
     return {
-        "policy": name, "budget": budget, "episodes": int(len(returns)), "return_mean": mean, "return_lo": lo,
+        "policy": name, "budget": budget, "episodes": int(len(returns)), "return_mean": float(returns.mean()), "return_lo": lo,
         "at_max_share": float((returns >= max_return).mean()),
         "return_hi": hi, "seed_means": [float(r.returns.mean()) for r in results],
         "returns": returns.tolist(),
