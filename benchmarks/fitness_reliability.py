@@ -1,7 +1,7 @@
 """How reliably one generation's prompts rank an evolution run's members (split-half Spearman).
 
     python benchmarks/fitness_reliability.py --run runs/NAME [--around CKPT --sigma 0.065] [--budgets 0.2,0.6]
-                                             [--per-task 1,2,4] [--draws 500] [--out FILE.json]
+                                             [--per-task 1,2,4] [--draws 500] [--record-cache DIR] [--out FILE.json]
 
 A population drawn from the run's current CMA-ES state (and, with ``--around``, populations drawn
 around given checkpoints) is scored once, with the run's own evaluator and fitness, on every prompt
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "--sigma^2 I), as many as the run's population (repeatable; same scorer as the run)")
     parser.add_argument("--sigma", type=float, default=0.065, help="step size of the --around sets (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: %(default)s)")
+    parser.add_argument("--record-cache", type=Path,
+                        help="the proxy's recordings of the pool, as `namm evolve --record-cache` keeps them (read, "
+                             "and written where missing)")
     parser.add_argument("--out", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else list(config.budgets or [None])
     sizes = [int(k) for k in args.per_task.split(",")]
     model, tokenizer = namm.load_model(args.model or config.model)
-    trainer = Trainer(config, args.run, model, tokenizer, progress=False)
+    trainer = Trainer(config, args.run, model, tokenizer, progress=False, record_cache=args.record_cache)
     trainer.build_scorer()
     state = CMAES.load(args.run / "state")
     sets = {f"cmaes-state@{state.generation}": state.ask()}

@@ -33,8 +33,9 @@ def test_the_whole_pool_fitness_is_the_runs_fitness(tmp_path):
     module = load_benchmark("fitness_reliability")
     result = module.main(["--run", str(tmp_path / "run"), "--model", str(model_dir), "--per-task", "1",
                           "--draws", "20", "--budgets", "0.3,0.6", "--around", str(tmp_path / "run" / "best"),
-                          "--out", str(tmp_path / "r.json")])
+                          "--record-cache", str(tmp_path / "records"), "--out", str(tmp_path / "r.json")])
     assert (tmp_path / "r.json").exists() and result["pool_per_task"] == 2
+    assert len(list((tmp_path / "records").glob("*.safetensors"))) == len(trainer.pool)  # the pool's recordings kept
     state_set, around_set = result["sets"].values()
     assert list(result["sets"])[1] == f"around:{tmp_path / 'run' / 'best'}"
     for budget in ("0.3", "0.6"):
