@@ -38,10 +38,9 @@ def summarize(name: str, budget: float | None, results: list[RolloutResult], sec
     fractions = np.concatenate([r.kv_fraction for r in results])
     lo, hi = bootstrap_interval([returns], resamples=RETURN_RESAMPLES)
     return {
-        "policy": name, "budget": budget, "episodes": int(len(returns)), "return_mean": float(returns.mean()), "return_lo": lo,
-        "at_max_share": float((returns >= max_return).mean()),
-        "return_hi": hi, "seed_means": [float(r.returns.mean()) for r in results],
-        "returns": returns.tolist(),
+        "policy": name, "budget": budget, "episodes": int(len(returns)), "return_mean": float(returns.mean()),
+        "return_lo": lo, "return_hi": hi, "at_max_share": float((returns >= max_return).mean()),
+        "seed_means": [float(r.returns.mean()) for r in results], "returns": returns.tolist(),
         "kv_fraction_after_update": float(np.nanmean(fractions)) if np.isfinite(fractions).any() else 1.0,
         "kv_fraction_end": float(np.concatenate([r.kv_fraction_end for r in results]).mean()),
         "updates_per_episode": float(np.concatenate([r.updates for r in results]).mean()),
