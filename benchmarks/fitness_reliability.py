@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import namm
+from namm.commands.common import record_cache_dir
 from namm.eval.ranking import spearman
 from namm.eval.runner import write_json
 from namm.evolve.cmaes import CMAES
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_run_config(args.run)
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else list(config.budgets or [None])
     sizes = [int(k) for k in args.per_task.split(",")]
+    if args.record_cache:
+        try:
+            record_cache_dir(str(args.record_cache), config.evaluator)
+        except (ValueError, OSError) as error:
+            parser.error(str(error))
     model, tokenizer = namm.load_model(args.model or config.model)
     trainer = Trainer(config, args.run, model, tokenizer, progress=False, record_cache=args.record_cache)
     trainer.build_scorer()

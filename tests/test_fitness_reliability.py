@@ -3,6 +3,7 @@ pool's fitness is the run's own fitness of the same members."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from benchmark_modules import load_benchmark
 from test_evolve_helpers import save_tiny_model
@@ -21,7 +22,7 @@ def test_stratified_halves_are_disjoint_with_k_prompts_of_every_task():
     assert torch.bincount(tasks[a]).tolist() == [2, 2, 2] == torch.bincount(tasks[b]).tolist()
 
 
-def test_the_whole_pool_fitness_is_the_runs_fitness(tmp_path):
+def test_the_whole_pool_fitness_is_the_runs_fitness(tmp_path, capsys):
     model_dir = save_tiny_model(tmp_path / "model")
     model, tokenizer = namm.load_model(str(model_dir))
     config = EvolveConfig(model=str(model_dir), tasks=["passkey", "kv_retrieval"], length=330, generations=1,
@@ -36,6 +37,10 @@ def test_the_whole_pool_fitness_is_the_runs_fitness(tmp_path):
                           "--record-cache", str(tmp_path / "records"), "--out", str(tmp_path / "r.json")])
     assert (tmp_path / "r.json").exists() and result["pool_per_task"] == 2
     assert len(list((tmp_path / "records").glob("*.safetensors"))) == len(trainer.pool)  # the pool's recordings kept
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit):  # a record cache that is not a folder stops before the model loads
+        module.main(["--run", str(tmp_path / "run"), "--record-cache", str(tmp_path / "a-file")])
+    assert "output path is not a directory" in capsys.readouterr().err
     state_set, around_set = result["sets"].values()
     assert list(result["sets"])[1] == f"around:{tmp_path / 'run' / 'best'}"
     for budget in ("0.3", "0.6"):

@@ -131,3 +131,11 @@ def writable_dir(path: str) -> Path:
     if not os.access(out, os.W_OK):
         raise PermissionError(f"output directory is not writable: {path}")
     return out
+
+
+def record_cache_dir(path: str, evaluator: str) -> Path:
+    """The folder where the proxy keeps its recordings of training prompts (``--record-cache``),
+    checked before any model loads: only the proxy evaluator records."""
+    if evaluator != "proxy":
+        raise ValueError("--record-cache keeps the proxy's recordings: it needs --evaluator proxy")
+    return writable_dir(path)

@@ -6,7 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from namm.commands.common import add_model_args, int_list, set_threads, show_progress, writable_dir
+from namm.commands.common import (add_model_args, int_list, record_cache_dir, set_threads, show_progress,
+                                  writable_dir)
 from namm.policies.base import SCHEDULES
 
 EXAMPLES = """examples:
@@ -145,9 +146,7 @@ def run(args: argparse.Namespace) -> int:
     for name in config.tasks:
         get_task(name)  # unknown task: clear error before loading anything
     if args.record_cache:
-        if config.evaluator != "proxy":
-            raise ValueError("--record-cache keeps the proxy's recordings: it needs --evaluator proxy")
-        writable_dir(args.record_cache)
+        record_cache_dir(args.record_cache, config.evaluator)
     out = Path(args.resume or args.out)
     if not args.resume:
         writable_dir(str(out))
